@@ -1,0 +1,24 @@
+//! The agent's gRPC API (`ferrovia.v1.Agent`, see `proto/ferrovia.proto`) on a unix socket.
+//!
+//! - [`registry`]: what the API asks of the agent — the [`PodRegistry`] trait the datapath
+//!   implements, and the plain types it receives and returns.
+//! - [`server`]: [`serve`] puts a [`PodRegistry`] behind the socket.
+//! - [`client`]: [`connect`] dials the socket (the CNI plugin, the CLI).
+//!
+//! The socket is the only way in: mode 0600, owned by root, so there is no authentication
+//! beyond file permissions.
+pub mod client;
+pub mod registry;
+pub mod server;
+
+pub use client::{ConnectError, connect};
+pub use registry::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState};
+pub use server::serve;
+
+/// Where the agent listens and the CNI plugin dials unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/ferrovia/agent.sock";
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;

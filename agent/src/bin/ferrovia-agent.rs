@@ -1,0 +1,128 @@
+//! `ferrovia-agent`: the per-node daemon. Loads and pins the BPF data path, watches the
+//! desired state, keeps the maps in sync, and serves the API on a unix socket.
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context as _, Result};
+use clap::{ArgAction, Parser};
+use ferrovia_agent::{
+    api,
+    datapath::{Datapath, DatapathConfig, MapSizes},
+    node::Node,
+    source::{ManifestsSource, StateSource as _},
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ferrovia's per-node eBPF data plane agent")]
+struct Args {
+    /// A directory of Kubernetes YAML manifests (Service, EndpointSlice, Pod, Namespace),
+    /// watched for changes.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Where maps and links are pinned (on bpffs). Kept across restarts.
+    #[arg(long, default_value = "/sys/fs/bpf/ferrovia")]
+    bpffs_root: PathBuf,
+    /// The cgroup v2 directory whose processes get socket-level load balancing
+    /// (default: the root of the cgroup v2 mount).
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
+    /// Socket-level load balancing on the cgroup hooks; with `false` only the per-packet
+    /// tc path translates.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    socket_lb: bool,
+    /// The API's unix socket (mode 0600).
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    /// Where the agent keeps what must outlive it (registered pods).
+    #[arg(long, default_value = "/run/ferrovia")]
+    state_dir: PathBuf,
+    /// Attach tc programs with clsact/cls_bpf even where TCX links are available.
+    #[arg(long)]
+    no_tcx: bool,
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    map_services: u32,
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    map_backends: u32,
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    map_conntrack: u32,
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    map_affinity: u32,
+}
+
+/// The root of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1]))
+        .context("no cgroup2 mount found; socket-level LB needs cgroup v2 (or pass --socket-lb=false)")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+
+    let cgroup = if args.socket_lb { Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?) } else { None };
+    let sizes = MapSizes {
+        services: args.map_services,
+        backends: args.map_backends,
+        conntrack: args.map_conntrack,
+        affinity: args.map_affinity,
+        ..MapSizes::default()
+    };
+    let datapath = Datapath::load(DatapathConfig {
+        bpffs_root: args.bpffs_root.clone(),
+        socket_lb_cgroup: cgroup,
+        sizes,
+        prefer_tcx: !args.no_tcx,
+    })?;
+
+    let source = Arc::new(ManifestsSource::new(&args.manifests));
+    let initial = source.reload();
+    let node = Arc::new(Node::new(args.node_name.clone(), &args.state_dir, datapath, initial)?);
+    // The first full sync happens before the API socket exists: its presence means ready.
+    node.resync_now().await;
+
+    let (tx, mut rx) = tokio::sync::watch::channel(source.state());
+    let watcher = {
+        let source = Arc::clone(&source);
+        tokio::spawn(async move { source.run(tx).await })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let node = Arc::clone(&node);
+        let socket = args.api_socket.clone();
+        tokio::spawn(async move { api::serve(&socket, node, async { let _ = stop_rx.await; }).await })
+    };
+    tracing::info!(node = %args.node_name, manifests = %args.manifests.display(), "ferrovia-agent running");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The watcher ended: report why and stop rather than serve stale state silently.
+                    let outcome = watcher.await;
+                    anyhow::bail!("the manifests watcher stopped: {outcome:?}");
+                }
+                let state = rx.borrow_and_update().clone();
+                node.set_state(state).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping; pinned maps and links stay for the next start");
+    let _ = stop_tx.send(());
+    server.await.context("API server task")??;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! The data path driver: loads the BPF object, pins its maps, attaches its programs, and
+//! writes the maps from the model's desired state. It diffs and writes; it decides nothing
+//! about Kubernetes semantics (that is the model's job).
+pub mod addr;
+pub mod attach;
+pub mod services;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, PerCpuArray},
+    programs::{CgroupSockAddr, SchedClassifier, TcAttachType},
+};
+use ferrovia_common::{PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, ServiceKey, counter};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Desired, Protocol};
+pub use attach::TcMode;
+pub use services::{FrontendSpec, SyncReport, WriteError};
+
+/// The BPF object, built by `build.rs` (aya-build). Empty when built with `AYA_BUILD_SKIP=1`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrovia"));
+
+/// Map names, as pinned under the bpffs root.
+pub const MAP_NAMES: [&str; 7] = ["SERVICES", "BACKENDS", "CONNTRACK", "AFFINITY", "SOCK_FWD", "SOCK_REVNAT", "COUNTERS"];
+
+const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeer"];
+
+/// Map capacities (entries).
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub sock_fwd: u32,
+    pub sock_revnat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self { services: 262_144, backends: 262_144, conntrack: 131_072, affinity: 65_536, sock_fwd: 65_536, sock_revnat: 131_072 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Where maps and links are pinned (a directory on bpffs).
+    pub bpffs_root: PathBuf,
+    /// The cgroup v2 directory whose processes get socket-level LB; `None` turns it off.
+    pub socket_lb_cgroup: Option<PathBuf>,
+    pub sizes: MapSizes,
+    /// Try TCX links before clsact/cls_bpf.
+    pub prefer_tcx: bool,
+}
+
+/// A pod interface the tc programs are attached to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedInterface {
+    pub ifname: String,
+    pub ingress: TcMode,
+    pub egress: TcMode,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    cfg: DatapathConfig,
+    services: services::ServiceWriter,
+    counters: PerCpuArray<aya::maps::MapData, u64>,
+}
+
+/// Named totals of the per-CPU `COUNTERS` map.
+pub type Counters = BTreeMap<&'static str, u64>;
+
+const COUNTER_NAMES: [(&str, u32); 12] = [
+    ("malformed", counter::MALFORMED),
+    ("fragment", counter::FRAGMENT),
+    ("xlate_new", counter::XLATE_NEW),
+    ("xlate_ct", counter::XLATE_CT),
+    ("reject_tcp_rst", counter::REJECT_TCP_RST),
+    ("reject_icmp", counter::REJECT_ICMP),
+    ("drop_no_endpoints", counter::DROP_NO_ENDPOINTS),
+    ("drop_ct_full", counter::DROP_CT_FULL),
+    ("sock_xlate", counter::SOCK_XLATE),
+    ("sock_reject", counter::SOCK_REJECT),
+    ("hairpin", counter::HAIRPIN),
+    ("drop_xlate_error", counter::DROP_XLATE_ERROR),
+];
+
+impl Datapath {
+    /// Loads the programs, opening the pinned maps of a previous run if there are any (so
+    /// conntrack and services survive a restart), and attaches the socket hooks.
+    pub fn load(cfg: DatapathConfig) -> Result<Self> {
+        if BPF_OBJECT.is_empty() {
+            bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no BPF object; rebuild without it");
+        }
+        raise_memlock();
+        fs::create_dir_all(attach::links_dir(&cfg.bpffs_root))
+            .with_context(|| format!("creating {} (is bpffs mounted at its parent?)", cfg.bpffs_root.display()))?;
+        let mut loader = EbpfLoader::new();
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, cfg.bpffs_root.join(name));
+        }
+        let s = &cfg.sizes;
+        loader
+            .map_max_entries("SERVICES", s.services)
+            .map_max_entries("BACKENDS", s.backends)
+            .map_max_entries("CONNTRACK", s.conntrack)
+            .map_max_entries("AFFINITY", s.affinity)
+            .map_max_entries("SOCK_FWD", s.sock_fwd)
+            .map_max_entries("SOCK_REVNAT", s.sock_revnat);
+        let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
+
+        for name in ["from_pod", "to_pod"] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
+        }
+        let links = attach::links_dir(&cfg.bpffs_root);
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
+            match &cfg.socket_lb_cgroup {
+                Some(cgroup) => attach::attach_cgroup(prog, name, cgroup, &links)?,
+                None => attach::detach_cgroup(name, &links),
+            }
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        let services = HashMap::try_from(take(&mut ebpf, "SERVICES")?)?;
+        let backends = HashMap::try_from(take(&mut ebpf, "BACKENDS")?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
+        let services = services::ServiceWriter::adopt(services, backends, cfg.sizes.services, cfg.sizes.backends)
+            .context("reading the pinned service maps")?;
+        tracing::info!(frontends = services.len(), root = %cfg.bpffs_root.display(), "data path loaded");
+        Ok(Self { ebpf, cfg, services, counters })
+    }
+
+    /// Writes the desired frontends. Errors name the frontends left at their previous state.
+    pub fn sync(&mut self, desired: &Desired) -> (SyncReport, Vec<WriteError>) {
+        let specs = frontend_specs(desired);
+        self.services.sync(&specs)
+    }
+
+    /// Frontends installed.
+    #[must_use]
+    pub fn frontends(&self) -> usize {
+        self.services.len()
+    }
+
+    #[must_use]
+    pub fn socket_lb(&self) -> bool {
+        self.cfg.socket_lb_cgroup.is_some()
+    }
+
+    /// Attaches `from_pod` / `to_pod` to a pod's host-side interface (or swaps in this
+    /// run's programs where a previous run attached them).
+    pub fn attach_pod(&mut self, ifname: &str, previous: Option<&AttachedInterface>) -> Result<AttachedInterface> {
+        let links = attach::links_dir(&self.cfg.bpffs_root);
+        let mut modes = [TcMode::Tcx; 2];
+        for (i, (name, dir)) in [("from_pod", TcAttachType::Ingress), ("to_pod", TcAttachType::Egress)].into_iter().enumerate() {
+            let prev = previous.map(|p| if i == 0 { p.ingress } else { p.egress });
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+            modes[i] = attach::attach_tc(prog, ifname, dir, &links, prev, self.cfg.prefer_tcx)
+                .with_context(|| format!("attaching {name} to {ifname}"))?;
+        }
+        Ok(AttachedInterface { ifname: ifname.to_owned(), ingress: modes[0], egress: modes[1] })
+    }
+
+    /// Detaches a pod's programs; a vanished interface is not an error.
+    pub fn detach_pod(&mut self, iface: &AttachedInterface) {
+        let links = attach::links_dir(&self.cfg.bpffs_root);
+        attach::detach_tc(&iface.ifname, TcAttachType::Ingress, &links, iface.ingress);
+        attach::detach_tc(&iface.ifname, TcAttachType::Egress, &links, iface.egress);
+    }
+
+    /// Whether a pod's programs are attached (its pinned links exist, or its filters do).
+    #[must_use]
+    pub fn is_attached(&self, iface: &AttachedInterface) -> bool {
+        let links = attach::links_dir(&self.cfg.bpffs_root);
+        let exists = |dir: &str| links.join(format!("tc-{}-{dir}", iface.ifname)).exists();
+        let up = Path::new("/sys/class/net").join(&iface.ifname).exists();
+        match (iface.ingress, iface.egress) {
+            (TcMode::Tcx, TcMode::Tcx) => exists("ingress") && exists("egress"),
+            _ => up,
+        }
+    }
+
+    /// Totals of the data path's verdict counters.
+    pub fn counters(&self) -> Result<Counters> {
+        let mut out = Counters::new();
+        for (name, index) in COUNTER_NAMES {
+            let values = self.counters.get(&index, 0)?;
+            out.insert(name, values.iter().sum());
+        }
+        Ok(out)
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).with_context(|| format!("program {name} missing from the BPF object"))
+}
+
+/// The model's frontends as map entries. IPv6 frontends are skipped (and logged): the
+/// IPv6 programs do not exist yet, and entries nothing reads would only mislead.
+#[must_use]
+pub fn frontend_specs(desired: &Desired) -> Vec<FrontendSpec> {
+    let mut out = Vec::with_capacity(desired.frontends.len());
+    for (key, frontend) in &desired.frontends {
+        if key.vip.is_ipv6() {
+            tracing::debug!(vip = %key.vip, "IPv6 frontend skipped: no IPv6 data path yet");
+            continue;
+        }
+        let (addr, family) = addr::encode(key.vip);
+        let proto = match key.protocol {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        };
+        out.push(FrontendSpec {
+            key: ServiceKey { addr, port: key.port.to_be(), proto, family, slot: 0, _pad: 0 },
+            flags: if frontend.affinity_timeout_s.is_some() { SVC_FLAG_AFFINITY } else { 0 },
+            affinity_timeout_s: frontend.affinity_timeout_s.unwrap_or(0),
+            backends: frontend.backends.iter().filter(|b| b.is_ipv4()).copied().collect(),
+        });
+    }
+    out
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it fails without
+/// CAP_SYS_RESOURCE, which is harmless on newer kernels (memcg accounting): not fatal.
+fn raise_memlock() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}

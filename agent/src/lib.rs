@@ -1,0 +1,13 @@
+//! ferrovia's agent: desired state in, BPF maps out.
+//!
+//! - [`source`]: where desired state comes from (a manifests directory; the Kubernetes API later).
+//! - [`model`]: the pure model — Kubernetes objects in, desired frontends and backends out.
+//! - [`datapath`]: loads and attaches the BPF programs, diffs and writes the pinned maps.
+//! - [`api`]: the gRPC API on a unix socket (pod registration from the CNI plugin, status).
+//! - [`cni`]: the chained CNI plugin's logic (the `ferrovia-cni` binary is a thin shell).
+pub mod api;
+pub mod cni;
+pub mod datapath;
+pub mod model;
+pub mod node;
+pub mod source;

@@ -1,0 +1,204 @@
+//! Endpoints of one service port: computed from pods (services with a selector, where ferrovia
+//! plays the EndpointSlice controller) or read from EndpointSlices (services without one), then
+//! selected as kube-proxy does.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Container, Pod, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{ClusterState, ObjRef, PodIps, Protocol};
+
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Objects with this label belong to another service proxy: kube-proxy ignores them, so do we.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on the EndpointSlices of headless services, which no proxy serves.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// One candidate endpoint with the EndpointSlice conditions kube-proxy decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// Whether kube-proxy (and so ferrovia) handles an object with these labels, as its informers'
+/// label selector (`!service-proxy-name,!headless`) decides.
+pub fn proxied_by_us(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels.is_none_or(|l| {
+        !l.contains_key(SERVICE_PROXY_NAME_LABEL) && !l.contains_key(HEADLESS_LABEL)
+    })
+}
+
+/// kube-proxy's selection (`CategorizeEndpoints`): the ready endpoints; only when none is ready,
+/// the ones that are serving and terminating (graceful termination, KEP-1669).
+pub fn select(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
+    let mut chosen: Vec<SocketAddr> =
+        endpoints.iter().filter(|e| e.ready).map(|e| e.addr).collect();
+    if chosen.is_empty() {
+        chosen = endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating)
+            .map(|e| e.addr)
+            .collect();
+    }
+    chosen.sort_unstable();
+    chosen.dedup();
+    chosen
+}
+
+/// What the EndpointSlice controller would publish for `port` of a service with a selector:
+/// one endpoint per pod matching it that has an IP of the VIP's family and resolves the target port.
+pub fn from_pods(
+    state: &ClusterState,
+    pod_ips: &PodIps,
+    namespace: &str,
+    spec: &ServiceSpec,
+    port: &ServicePort,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
+    let Some(selector) = spec.selector.as_ref() else {
+        return Vec::new();
+    };
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+    ClusterState::in_namespace(&state.pods, namespace)
+        .filter(|(_, pod)| matches_selector(pod, selector))
+        .filter(|(_, pod)| !is_terminal(pod))
+        .filter_map(|(key, pod)| {
+            let ip = pod_ip(pod, key, pod_ips, ipv4)?;
+            let target = target_port(port, pod, protocol)?;
+            // As the controller's podToEndpoint: "ready" is never true while terminating,
+            // unless the service publishes not-ready addresses.
+            let serving = is_ready(pod);
+            let terminating = pod.metadata.deletion_timestamp.is_some();
+            Some(Endpoint {
+                addr: SocketAddr::new(ip, target),
+                ready: publish_not_ready || (serving && !terminating),
+                serving,
+                terminating,
+            })
+        })
+        .collect()
+}
+
+/// The endpoints that the EndpointSlices of service `svc` list for the service port named
+/// `port_name` with `protocol`, of the VIP's family — kube-proxy's `EndpointSliceCache`.
+pub fn from_slices(
+    state: &ClusterState,
+    svc: &ObjRef,
+    port_name: &str,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
+    let address_type = if ipv4 { "IPv4" } else { "IPv6" };
+    ClusterState::in_namespace(&state.endpoint_slices, &svc.namespace)
+        .map(|(_, slice)| slice)
+        .filter(|slice| {
+            let labels = slice.metadata.labels.as_ref();
+            labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&svc.name)
+                && proxied_by_us(labels)
+                && slice.address_type == address_type
+        })
+        .filter_map(|slice| Some((slice, slice_port(slice, port_name, protocol)?)))
+        .flat_map(|(slice, target)| {
+            slice.endpoints.iter().filter_map(move |ep| {
+                // kube-proxy only ever uses the first address of an endpoint.
+                let ip: IpAddr = ep.addresses.first()?.parse().ok()?;
+                if ip.is_ipv4() != ipv4 {
+                    return None;
+                }
+                let conditions = ep.conditions.as_ref();
+                // API contract (and kube-proxy): ready nil ⇒ true, serving nil ⇒ true,
+                // terminating nil ⇒ false.
+                Some(Endpoint {
+                    addr: SocketAddr::new(ip, target),
+                    ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                })
+            })
+        })
+        .collect()
+}
+
+/// The port number a slice lists under the service port's name and protocol. A missing name or
+/// protocol is what the API server would default it to (`""`, TCP).
+fn slice_port(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Option<u16> {
+    slice.ports.as_ref()?.iter().find_map(|p| {
+        let same = p.name.as_deref().unwrap_or("") == port_name
+            && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_k8s();
+        same.then_some(p.port).flatten().and_then(|n| u16::try_from(n).ok()).filter(|&n| n != 0)
+    })
+}
+
+fn matches_selector(pod: &Pod, selector: &BTreeMap<String, String>) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// Succeeded or Failed: the pod will never serve again.
+fn is_terminal(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// The pod's Ready condition. Unlike upstream (no condition ⇒ not ready), a pod without one is
+/// ready: in manifests mode nothing writes pod status, and a pod written there is meant to run.
+fn is_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True")
+}
+
+/// The pod's first IP of the wanted family: from its status when the manifest has one
+/// (`podIPs`, else `podIP`, as the controller reads them), else from the CNI registration.
+fn pod_ip(pod: &Pod, key: &ObjRef, pod_ips: &PodIps, ipv4: bool) -> Option<IpAddr> {
+    let status = pod.status.as_ref();
+    let mut listed: Vec<&str> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|ip| ip.ip.as_str())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    if listed.is_empty() {
+        listed.extend(status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty()));
+    }
+    if listed.is_empty() {
+        return pod_ips.get(key)?.iter().copied().find(|ip| ip.is_ipv4() == ipv4);
+    }
+    listed.into_iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).find(|ip| ip.is_ipv4() == ipv4)
+}
+
+/// The endpoint port for `port` on `pod`: the numeric `targetPort` (default: `port`), or the
+/// pod's container port of that name and protocol (`FindPort` upstream: regular containers,
+/// then sidecars, i.e. init containers with `restartPolicy: Always`).
+fn target_port(port: &ServicePort, pod: &Pod, protocol: Protocol) -> Option<u16> {
+    let number = match &port.target_port {
+        None => port.port,
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(name)) => {
+            let spec = pod.spec.as_ref()?;
+            let sidecars = spec.init_containers.iter().flatten().filter(|c| {
+                c.restart_policy.as_deref() == Some("Always")
+            });
+            spec.containers.iter().chain(sidecars).find_map(|c| named_port(c, name, protocol))?
+        }
+    };
+    u16::try_from(number).ok().filter(|&n| n != 0)
+}
+
+fn named_port(container: &Container, name: &str, protocol: Protocol) -> Option<i32> {
+    container.ports.iter().flatten().find_map(|p| {
+        let same = p.name.as_deref() == Some(name)
+            && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_k8s();
+        same.then_some(p.container_port)
+    })
+}

@@ -1,0 +1,189 @@
+//! The node controller: owns the data path, the pods registered by the CNI plugin, and the
+//! last desired state, and keeps the maps equal to `model::compute(state, pod IPs)`.
+//!
+//! Registered pods are persisted in `<state dir>/pods.json` so a restarted agent knows which
+//! interfaces carry its programs (it swaps in its new programs there without a gap).
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::{
+    api::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState},
+    datapath::{AttachedInterface, Datapath},
+    model::{self, ClusterState, ObjRef, PodIps},
+};
+
+/// A registered pod as persisted: what the CNI plugin said, and how we attached.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct PodRecord {
+    container_id: String,
+    netns: String,
+    namespace: String,
+    name: String,
+    ifname: String,
+    ips: Vec<std::net::IpAddr>,
+    iface: AttachedInterface,
+}
+
+struct Inner {
+    datapath: Datapath,
+    pods: BTreeMap<String, PodRecord>,
+    state: Arc<ClusterState>,
+}
+
+pub struct Node {
+    name: String,
+    state_file: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Node {
+    /// Takes over a loaded data path, re-attaching this run's programs to the pods a
+    /// previous run registered (pods whose interface is gone are forgotten).
+    pub fn new(name: String, state_dir: &Path, mut datapath: Datapath, state: Arc<ClusterState>) -> Result<Self> {
+        fs::create_dir_all(state_dir).with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        let state_file = state_dir.join("pods.json");
+        let previous: Vec<PodRecord> = match fs::read(&state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", state_file.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
+        };
+        let mut pods = BTreeMap::new();
+        for mut pod in previous {
+            if !Path::new("/sys/class/net").join(&pod.iface.ifname).exists() {
+                tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "interface gone since last run; forgetting the pod");
+                continue;
+            }
+            match datapath.attach_pod(&pod.iface.ifname, Some(&pod.iface)) {
+                Ok(iface) => {
+                    pod.iface = iface;
+                    pods.insert(pod.container_id.clone(), pod);
+                }
+                Err(e) => tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}"),
+            }
+        }
+        let node = Self { name, state_file, inner: Mutex::new(Inner { datapath, pods, state }) };
+        Ok(node)
+    }
+
+    /// Replaces the desired state and writes the maps.
+    pub async fn set_state(&self, state: Arc<ClusterState>) {
+        let mut inner = self.inner.lock().await;
+        inner.state = state;
+        Self::resync(&mut inner);
+    }
+
+    /// Writes the maps from the current state and pods.
+    pub async fn resync_now(&self) {
+        Self::resync(&mut *self.inner.lock().await);
+    }
+
+    fn resync(inner: &mut Inner) {
+        let started = Instant::now();
+        let pod_ips: PodIps = inner.pods.values().map(|p| (ObjRef::new(p.namespace.clone(), p.name.clone()), p.ips.clone())).collect();
+        let desired = model::compute(&inner.state, &pod_ips);
+        let (report, errors) = inner.datapath.sync(&desired);
+        for error in &errors {
+            tracing::error!("data path kept the previous state: {error}");
+        }
+        if report.added + report.updated + report.removed > 0 {
+            tracing::info!(
+                added = report.added,
+                updated = report.updated,
+                removed = report.removed,
+                unchanged = report.unchanged,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "maps synced"
+            );
+        }
+    }
+
+    fn persist(&self, inner: &Inner) -> Result<()> {
+        let records: Vec<&PodRecord> = inner.pods.values().collect();
+        let tmp = self.state_file.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&records)?)?;
+        fs::rename(&tmp, &self.state_file)?;
+        Ok(())
+    }
+
+    /// The data path's verdict counters (for status and tests).
+    pub async fn counters(&self) -> Result<crate::datapath::Counters> {
+        self.inner.lock().await.datapath.counters()
+    }
+}
+
+impl PodRegistry for Node {
+    async fn register(&self, pod: PodRegistration) -> Result<(), ApiError> {
+        let mut inner = self.inner.lock().await;
+        let previous = inner.pods.get(&pod.container_id).map(|p| p.iface.clone());
+        let iface = inner
+            .datapath
+            .attach_pod(&pod.host_ifname, previous.as_ref())
+            .map_err(|e| ApiError::Internal(format!("pod {}/{}: {e:#}", pod.namespace, pod.name)))?;
+        tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ifname = %pod.host_ifname, ips = ?pod.ips, "pod registered");
+        let record = PodRecord {
+            container_id: pod.container_id,
+            netns: pod.netns,
+            namespace: pod.namespace,
+            name: pod.name,
+            ifname: pod.ifname,
+            ips: pod.ips,
+            iface,
+        };
+        inner.pods.insert(record.container_id.clone(), record);
+        self.persist(&inner).map_err(ApiError::internal)?;
+        // The pod's IPs may complete endpoints: its services must reach it before ADD returns.
+        Self::resync(&mut inner);
+        Ok(())
+    }
+
+    async fn unregister(&self, container_id: &str) -> Result<(), ApiError> {
+        let mut inner = self.inner.lock().await;
+        let Some(record) = inner.pods.remove(container_id) else {
+            return Ok(());
+        };
+        inner.datapath.detach_pod(&record.iface);
+        tracing::info!(pod = %format!("{}/{}", record.namespace, record.name), "pod unregistered");
+        self.persist(&inner).map_err(ApiError::internal)?;
+        Self::resync(&mut inner);
+        Ok(())
+    }
+
+    async fn check(&self, container_id: &str) -> Result<(), ApiError> {
+        let inner = self.inner.lock().await;
+        let record = inner.pods.get(container_id).ok_or_else(|| ApiError::NotFound(format!("container {container_id} is not registered")))?;
+        if inner.datapath.is_attached(&record.iface) {
+            Ok(())
+        } else {
+            Err(ApiError::NotReady(format!("programs of {}/{} are not attached to {}", record.namespace, record.name, record.iface.ifname)))
+        }
+    }
+
+    async fn status(&self) -> AgentStatus {
+        let inner = self.inner.lock().await;
+        let mut programs = vec![ProgramState {
+            name: "sock4_*".into(),
+            attach_point: inner.datapath.socket_lb().then(|| "cgroup".to_owned()),
+        }];
+        for pod in inner.pods.values() {
+            for (name, mode) in [("from_pod", pod.iface.ingress), ("to_pod", pod.iface.egress)] {
+                programs.push(ProgramState { name: name.into(), attach_point: Some(format!("{} ({mode:?})", pod.iface.ifname)) });
+            }
+        }
+        AgentStatus {
+            node_name: self.name.clone(),
+            pods: inner.pods.len(),
+            frontends: inner.datapath.frontends(),
+            socket_lb: inner.datapath.socket_lb(),
+            programs,
+        }
+    }
+}

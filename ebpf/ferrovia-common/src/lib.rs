@@ -1,0 +1,232 @@
+//! Map keys, values and constants shared by ferrovia's BPF programs and its agent.
+//!
+//! One definition serves both sides: every type is `#[repr(C)]` with explicit padding
+//! (integer flags, no `bool`), and implements `aya::Pod` behind the `user` feature.
+//! Addresses are family-neutral: 16 bytes in network byte order, an IPv4 address in the
+//! first four bytes and the rest zero, with a `family` field beside them.
+#![no_std]
+
+/// Address family markers carried in keys (not the kernel's `AF_*`: one byte, explicit).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+/// Marks an [`AffinityKey`] whose `client` is a network-namespace cookie (socket-level LB,
+/// where the source address is not known yet at connect time) rather than an address.
+pub const FAMILY_NETNS: u8 = 0;
+
+/// IP protocol numbers as on the wire.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An IPv4 or IPv6 address as four 32-bit words in network byte order (IPv4 in word 0).
+pub type Addr = [u32; 4];
+
+/// Key of the `SERVICES` map: one frontend (VIP, port, protocol) and a slot.
+/// Slot 0 holds the service itself ([`ServiceValue::count`] backends, flags, id); slots
+/// `1..=count` each hold one backend id. The agent writes backends and slots before slot 0
+/// and removes them after it, so the data path never sees a half-written backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+/// Session affinity by client IP (`sessionAffinity: ClientIP`).
+pub const SVC_FLAG_AFFINITY: u16 = 1;
+
+/// Value of the `SERVICES` map. Slot 0: `count`, `flags`, `service_id`, `affinity_timeout_s`.
+/// Slots `1..=count`: `backend_id` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    /// Number of selectable backends; 0 means the service rejects connections.
+    pub count: u16,
+    pub flags: u16,
+    /// Identifies this frontend (reverse NAT, affinity, backend ownership).
+    pub service_id: u32,
+    pub affinity_timeout_s: u32,
+}
+
+/// Value of the `BACKENDS` map, keyed by a `u32` backend id. A backend id belongs to exactly
+/// one frontend (`service_id`), so "this id is still a backend of that service" is one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub service_id: u32,
+}
+
+/// Direction of a conntrack entry: `CT_DIR_OUT` is keyed by the client's original tuple
+/// (towards the VIP), `CT_DIR_IN` by the backend's reply tuple.
+pub const CT_DIR_OUT: u8 = 0;
+pub const CT_DIR_IN: u8 = 1;
+
+/// Key of the `CONNTRACK` map: a 5-tuple as seen on the wire plus a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Ports in network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+/// The client reached one of its own services' VIPs and landed on itself: its source is
+/// rewritten to the VIP and packets are sent straight back into the pod.
+pub const CT_FLAG_HAIRPIN: u16 = 1;
+/// A FIN or RST was seen: the entry lives for `CT_TIMEOUT_CLOSING_NS` only.
+pub const CT_FLAG_CLOSING: u16 = 2;
+
+/// Value of the `CONNTRACK` map.
+/// `CT_DIR_OUT`: rewrite the destination to `xlate_addr:xlate_port` and the source address to
+/// `peer_addr`. `CT_DIR_IN`: rewrite the source to `xlate_addr:xlate_port` (the VIP) and the
+/// destination address to `peer_addr` (the original client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub xlate_addr: Addr,
+    pub peer_addr: Addr,
+    pub xlate_port: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+
+pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+
+/// Key of the `AFFINITY` map: which backend a client IP was last sent to, per frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Key of the socket-LB maps: a socket (by cookie) and an address it talks to.
+/// In `SOCK_FWD` the address is the VIP (which backend this socket uses for it); in
+/// `SOCK_REVNAT` it is the backend (which VIP to report to the application instead).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+
+/// Value of `SOCK_FWD`: the backend a socket's datagrams to a VIP go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockFwdValue {
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// Value of `SOCK_REVNAT`: the VIP and port the application believes it talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevNatValue {
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+
+/// Indices of the per-CPU `COUNTERS` array: one named reason per verdict of the data path.
+pub mod counter {
+    /// Packets whose headers could not be parsed (truncated, bad IHL/length); passed untouched.
+    pub const MALFORMED: u32 = 0;
+    /// IPv4 fragments; passed untouched (no L4 header to translate in non-first fragments).
+    pub const FRAGMENT: u32 = 1;
+    /// New connections translated to a backend by the per-packet path.
+    pub const XLATE_NEW: u32 = 2;
+    /// Packets translated by an existing conntrack entry (either direction).
+    pub const XLATE_CT: u32 = 3;
+    /// Connections to a service without endpoints, answered with a TCP RST.
+    pub const REJECT_TCP_RST: u32 = 4;
+    /// Datagrams to a service without endpoints, answered with ICMP port unreachable.
+    pub const REJECT_ICMP: u32 = 5;
+    /// Packets to a service without endpoints that could not be answered, dropped.
+    pub const DROP_NO_ENDPOINTS: u32 = 6;
+    /// A conntrack entry could not be written (map full and not LRU-evictable).
+    pub const DROP_CT_FULL: u32 = 7;
+    /// Socket-level translations (connect, sendmsg).
+    pub const SOCK_XLATE: u32 = 8;
+    /// Socket-level rejections (no endpoints) with ECONNREFUSED.
+    pub const SOCK_REJECT: u32 = 9;
+    /// Hairpin packets sent straight back into the pod.
+    pub const HAIRPIN: u32 = 10;
+    /// A translation failed half-way (a helper refused a write); dropped rather than sent on.
+    pub const DROP_XLATE_ERROR: u32 = 11;
+    pub const COUNT: u32 = 16;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no pointers.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockFwdValue {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The kernel sees these sizes: any change is an ABI change for pinned maps.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<AffinityKey>(), 24);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SockKey>(), 32);
+        assert_eq!(size_of::<SockFwdValue>(), 8);
+        assert_eq!(size_of::<SockRevNatValue>(), 24);
+    }
+}

@@ -1,0 +1,170 @@
+//! The per-packet path: conntrack lookups and the translations they carry.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use ferrovia_common::{
+    AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_TIMEOUT_CLOSING_NS,
+    CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4, PROTO_TCP, ServiceKey, counter,
+};
+
+use crate::{
+    lb::{live_backend, lookup_service, select_backend},
+    maps::{CONNTRACK, count},
+    packet::{IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_FIN, TCP_RST, bounce, set_addr, set_port},
+    reject,
+};
+
+#[inline(always)]
+fn ct_key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
+    CtKey {
+        saddr: pkt.src(),
+        daddr: pkt.dst(),
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// Whether an entry still applies, refreshing its age (at most once a second, to keep
+/// cache lines quiet) and noting a FIN/RST so a closed connection is forgotten soon.
+#[inline(always)]
+fn alive(entry: &mut CtValue, pkt: &Ipv4Packet, now: u64) -> bool {
+    let timeout = if entry.flags & CT_FLAG_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else if pkt.proto == PROTO_TCP {
+        CT_TIMEOUT_TCP_NS
+    } else {
+        CT_TIMEOUT_UDP_NS
+    };
+    if now.wrapping_sub(entry.last_seen_ns) > timeout {
+        return false;
+    }
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        entry.flags |= CT_FLAG_CLOSING;
+    }
+    if now.wrapping_sub(entry.last_seen_ns) > 1_000_000_000 {
+        entry.last_seen_ns = now;
+    }
+    true
+}
+
+/// Client → VIP, translated: destination to the backend, source to `peer_addr` (the VIP
+/// itself on hairpin, so the pod does not see a packet from its own address).
+#[inline(always)]
+fn xlate_out(ctx: &mut TcContext, pkt: &Ipv4Packet, entry: &CtValue) -> Result<i32, i64> {
+    set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.xlate_addr[0])?;
+    set_port(ctx, pkt, 2, pkt.dport, entry.xlate_port)?;
+    set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, entry.peer_addr[0])?;
+    if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        count(counter::HAIRPIN);
+        return bounce(ctx);
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// Backend → client, translated back: source to the VIP and service port, destination to
+/// the original client address.
+#[inline(always)]
+fn xlate_in(ctx: &mut TcContext, pkt: &Ipv4Packet, entry: &CtValue, bounce_hairpin: bool) -> Result<i32, i64> {
+    set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, entry.xlate_addr[0])?;
+    set_port(ctx, pkt, 0, pkt.sport, entry.xlate_port)?;
+    set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.peer_addr[0])?;
+    if bounce_hairpin && entry.flags & CT_FLAG_HAIRPIN != 0 {
+        count(counter::HAIRPIN);
+        return bounce(ctx);
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// A reply of a translated connection, in either hook: reverse NAT when the tuple is known.
+#[inline(always)]
+pub fn reply(ctx: &mut TcContext, pkt: &Ipv4Packet, bounce_hairpin: bool) -> Option<Result<i32, i64>> {
+    // SAFETY: helper without side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let entry = CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_DIR_IN))?;
+    // SAFETY: valid map value; racing writers only touch age and flags.
+    let entry = unsafe { &mut *entry };
+    if !alive(entry, pkt, now) {
+        return None;
+    }
+    count(counter::XLATE_CT);
+    Some(xlate_in(ctx, pkt, entry, bounce_hairpin))
+}
+
+/// A packet leaving a pod: an established translated flow, a reply of one (the pod is the
+/// backend), or the first packet of a new connection to a VIP.
+#[inline(always)]
+pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
+    // SAFETY: helper without side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let out_key = ct_key(pkt, CT_DIR_OUT);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&out_key) {
+        // SAFETY: valid map value; racing writers only touch age and flags.
+        let entry = unsafe { &mut *entry };
+        // UDP has no end: a flow whose backend is gone is re-balanced rather than sent on
+        // into the void (the stale-UDP-conntrack problem). TCP keeps its backend until the
+        // connection ends, so a terminating pod can finish its work.
+        if alive(entry, pkt, now) && (pkt.proto == PROTO_TCP || live_backend(entry.backend_id, entry.service_id).is_some()) {
+            count(counter::XLATE_CT);
+            return xlate_out(ctx, pkt, entry);
+        }
+    }
+    if let Some(verdict) = reply(ctx, pkt, true) {
+        return verdict;
+    }
+    let frontend = ServiceKey {
+        addr: pkt.dst(),
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        slot: 0,
+        _pad: 0,
+    };
+    let Some(service) = lookup_service(&frontend) else {
+        return Ok(TC_ACT_OK);
+    };
+    let client = AffinityKey { client: pkt.src(), service_id: service.service_id, family: FAMILY_V4, _pad: [0; 3] };
+    let Some((backend_id, backend)) = select_backend(&frontend, &service, &client) else {
+        return reject::no_endpoints(ctx, pkt);
+    };
+    let hairpin = backend.addr[0] == pkt.saddr;
+    let source = if hairpin { pkt.daddr } else { pkt.saddr };
+    let mut flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= CT_FLAG_CLOSING;
+    }
+    // Reply entry first: once the first packet is out, its answer must find its way back.
+    let in_key = CtKey {
+        saddr: backend.addr,
+        daddr: [source, 0, 0, 0],
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        dir: CT_DIR_IN,
+        _pad: 0,
+    };
+    let in_value = CtValue {
+        xlate_addr: pkt.dst(),
+        peer_addr: pkt.src(),
+        xlate_port: pkt.dport,
+        flags,
+        backend_id,
+        service_id: service.service_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let out_value = CtValue {
+        xlate_addr: backend.addr,
+        peer_addr: [source, 0, 0, 0],
+        xlate_port: backend.port,
+        ..in_value
+    };
+    if CONNTRACK.insert(&in_key, &in_value, 0).is_err() || CONNTRACK.insert(&out_key, &out_value, 0).is_err() {
+        count(counter::DROP_CT_FULL);
+        return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
+    count(counter::XLATE_NEW);
+    xlate_out(ctx, pkt, &out_value)
+}

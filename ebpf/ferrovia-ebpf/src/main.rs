@@ -1,0 +1,89 @@
+//! ferrovia's BPF programs. Each entry point is thin: parse, call the logic, and choose the
+//! verdict in one place.
+//!
+//! - `from_pod` / `to_pod`: tc on a pod's host-side interface (its ingress / egress), the
+//!   per-packet service translation with conntrack and reverse NAT.
+//! - `sock4_*`: cgroup v2 sock_addr hooks, socket-level service translation.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod packet;
+mod reject;
+mod sock;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use ferrovia_common::counter;
+
+use crate::maps::count;
+
+/// Packets from the pod (tc ingress of its host-side interface).
+#[classifier]
+pub fn from_pod(mut ctx: TcContext) -> i32 {
+    let result = match packet::parse_ipv4(&ctx) {
+        Ok(pkt) => conntrack::from_pod(&mut ctx, &pkt),
+        Err(skip) => {
+            packet::count_skip(&skip);
+            Ok(TC_ACT_OK as i32)
+        }
+    };
+    verdict(result)
+}
+
+/// Packets to the pod (tc egress of its host-side interface): reverse NAT of replies.
+#[classifier]
+pub fn to_pod(mut ctx: TcContext) -> i32 {
+    let result = match packet::parse_ipv4(&ctx) {
+        Ok(pkt) => conntrack::reply(&mut ctx, &pkt, false).unwrap_or(Ok(TC_ACT_OK as i32)),
+        Err(skip) => {
+            packet::count_skip(&skip);
+            Ok(TC_ACT_OK as i32)
+        }
+    };
+    verdict(result)
+}
+
+/// A packet whose rewrite failed half-way is dropped (and counted) rather than sent on.
+#[inline(always)]
+fn verdict(result: Result<i32, i64>) -> i32 {
+    result.unwrap_or_else(|_| {
+        count(counter::DROP_XLATE_ERROR);
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock4_getpeer(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,104 @@
+//! Socket-level load balancing on the cgroup v2 sock_addr hooks: a VIP is translated once
+//! per connect (or per datagram for unconnected UDP), and translated back for recvmsg and
+//! getpeername, so applications see the VIP while packets carry the backend's address.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use ferrovia_common::{
+    AffinityKey, FAMILY_NETNS, FAMILY_V4, PROTO_TCP, PROTO_UDP, ServiceKey, SockFwdValue, SockKey,
+    SockRevNatValue, counter,
+};
+
+use crate::{
+    lb::{live_backend, lookup_service, select_backend},
+    maps::{SOCK_FWD, SOCK_REVNAT, count},
+};
+
+/// Verdicts of sock_addr programs: 1 lets the call proceed, 0 fails it (with the errno
+/// set by `bpf_set_retval`, else EPERM).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// connect4 / sendmsg4: VIP → backend. Datagram sockets remember their backend per VIP in
+/// `SOCK_FWD` (while it lives), so a UDP "flow" does not hop between backends.
+#[inline(always)]
+pub fn forward(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let frontend = ServiceKey {
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: sa.user_port as u16,
+        proto,
+        family: FAMILY_V4,
+        slot: 0,
+        _pad: 0,
+    };
+    let Some(service) = lookup_service(&frontend) else {
+        return ALLOW;
+    };
+    // SAFETY: helpers valid for sock_addr programs (cookie: 4.12+, netns cookie: 5.7+).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let fwd_key = SockKey { cookie, addr: frontend.addr, port: frontend.port, proto, family: FAMILY_V4, _pad: 0 };
+    let sticky = proto == PROTO_UDP;
+    let mut chosen = None;
+    if sticky {
+        // SAFETY: value copied out at once.
+        if let Some(prev) = unsafe { SOCK_FWD.get(&fwd_key).copied() } {
+            chosen = live_backend(prev.backend_id, service.service_id).map(|b| (prev.backend_id, b));
+        }
+    }
+    if chosen.is_none() {
+        // The source address is not chosen yet at connect time: the client pod is known by
+        // its network namespace instead.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let client = AffinityKey {
+            client: [netns as u32, (netns >> 32) as u32, 0, 0],
+            service_id: service.service_id,
+            family: FAMILY_NETNS,
+            _pad: [0; 3],
+        };
+        chosen = select_backend(&frontend, &service, &client);
+    }
+    let Some((backend_id, backend)) = chosen else {
+        count(counter::SOCK_REJECT);
+        // As kube-proxy's REJECT would: the caller sees ECONNREFUSED, not a black hole.
+        // SAFETY: cgroup helper (5.18+), sets the errno of the denied call.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return DENY;
+    };
+    if sticky {
+        let value = SockFwdValue { backend_id, service_id: service.service_id };
+        let _ = SOCK_FWD.insert(&fwd_key, &value, 0);
+    }
+    let rev_key = SockKey { cookie, addr: backend.addr, port: backend.port, proto, family: FAMILY_V4, _pad: 0 };
+    let rev = SockRevNatValue { addr: frontend.addr, port: frontend.port, _pad: 0, service_id: service.service_id };
+    // Best effort: without it only getpeername/recvmsg would show the backend's address.
+    let _ = SOCK_REVNAT.insert(&rev_key, &rev, 0);
+    sa.user_ip4 = backend.addr[0];
+    sa.user_port = u32::from(backend.port);
+    count(counter::SOCK_XLATE);
+    ALLOW
+}
+
+/// recvmsg4 / getpeername4: backend → VIP, for sockets `forward` translated.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockKey { cookie, addr: [sa.user_ip4, 0, 0, 0], port: sa.user_port as u16, proto, family: FAMILY_V4, _pad: 0 };
+    // SAFETY: value copied out at once.
+    if let Some(vip) = unsafe { SOCK_REVNAT.get(&key).copied() } {
+        sa.user_ip4 = vip.addr[0];
+        sa.user_port = u32::from(vip.port);
+    }
+    ALLOW
+}

@@ -1,0 +1,35 @@
+//! ferrovia's end-to-end harness: a simulated cluster on this machine.
+//!
+//! A [`Node`] is a network namespace with a cgroup subtree, a bpffs root and a temp dir; a
+//! [`Pod`] is a network namespace wired by the real reference CNI plugins (`ptp` + `host-local`)
+//! with `ferrovia-cni` chained after them; workloads are `ferrovia-echo` processes joined to the
+//! pod's namespace and cgroup; the real `ferrovia-agent` runs per node ([`Agent`]).
+//!
+//! Everything is named `fv-<pid>-<n>…` and removed on drop, also when a test panics; objects
+//! of dead test processes are swept by the first [`Node::new`] ([`sweep_stale`]).
+//!
+//! ```no_run
+//! use ferrovia_tests::{CniMode, Node, NodeOptions, ProbeSpec};
+//! let node = Node::with_options(NodeOptions { cni: CniMode::PtpOnly, ..Default::default() })?;
+//! let (client, server) = (node.add_pod("default", "client")?, node.add_pod("default", "web")?);
+//! let _srv = server.serve(&["tcp:9376"])?;
+//! let r = client.probe(&ProbeSpec::tcp((server.ip, 9376)))?;
+//! assert_eq!(r[0].server(), Some("web"));
+//! # anyhow::Ok(())
+//! ```
+
+pub mod agent;
+pub mod cmd;
+pub mod cni;
+pub mod node;
+pub mod paths;
+pub mod pod;
+pub mod sys;
+pub mod workload;
+
+pub use agent::{Agent, AgentOpts};
+pub use cni::Chain;
+pub use node::{CniMode, Node, NodeOptions};
+pub use pod::Pod;
+pub use sys::sweep_stale;
+pub use workload::{Place, ProbeResult, ProbeSpec, ProbeStream, Proto, Server};

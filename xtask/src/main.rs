@@ -1,0 +1,131 @@
+//! `cargo xtask`: the project's chores.
+//!
+//! - `setup`: installs what a fresh Debian 12 machine lacks for building and testing
+//!   (see `../shared/TOOLCHAIN.md`), idempotently.
+//! - `test [-- ARGS]`: `setup`, then the workspace's tests.
+//! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
+//!
+//! All of them need root: apt, bpffs, and the tests and demo load BPF programs and create
+//! network namespaces.
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    bin_name = "cargo xtask",
+    about = "ferrovia's build, test and demo chores"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and system packages, mount bpffs (idempotent).
+    Setup,
+    /// Run setup, then `cargo test`; arguments after `--` are passed on to it.
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run setup, build, then run the demo; arguments after `--` are passed on to it.
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    require_root()?;
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            step("cargo test");
+            // Plain `cargo test` at the root covers the workspace's default members, which
+            // leave out the no_std BPF crate (`--workspace` would build it for the host).
+            run_checked(cargo(&root).arg("test").args(&args))
+        }
+        Task::Demo { args } => {
+            setup::run()?;
+            step("cargo build (binaries)");
+            run_checked(cargo(&root).args(["build", "--bins"]))?;
+            step("ferrovia-demo");
+            let mut demo = cargo(&root);
+            demo.args([
+                "run",
+                "-p",
+                "ferrovia-tests",
+                "--bin",
+                "ferrovia-demo",
+                "--",
+            ])
+            .args(&args);
+            exec(demo)
+        }
+    }
+}
+
+fn require_root() -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "cargo xtask needs root: it installs packages, mounts bpffs, loads BPF programs and \
+         creates network namespaces (try `sudo -E cargo xtask ...`)"
+    );
+    Ok(())
+}
+
+/// The workspace root: xtask's own manifest sits one level below it.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (`$CARGO`), so a rustup override or a pinned toolchain carries over.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Prints a step, `==> what`.
+pub(crate) fn step(what: &str) {
+    println!("==> {what}");
+}
+
+/// Runs `cmd` with inherited stdio and fails with the command line when it fails.
+pub(crate) fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+/// Replaces this process with `cmd`, so the demo gets the terminal's signals directly.
+fn exec(mut cmd: Command) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot exec {}", show(&cmd)))
+}
+
+/// `prog arg arg`, for messages.
+pub(crate) fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
