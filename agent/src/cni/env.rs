@@ -67,6 +67,7 @@ impl CniEnv {
     }
 
     /// Reads the process environment.
+    #[must_use]
     pub fn from_process() -> Self {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -109,6 +110,7 @@ pub struct PodIdentity {
 }
 
 impl PodIdentity {
+    #[must_use]
     pub fn from_args(args: &[(&str, &str)]) -> Self {
         let get = |key: &str| {
             args.iter()

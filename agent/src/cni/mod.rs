@@ -4,10 +4,10 @@
 //! It runs after the cluster's main plugin (`ptp`, `bridge`), reads the host-side veth and
 //! the pod's addresses from `prevResult`, and registers the pod with the agent over its
 //! unix socket; the agent attaches the per-pod programs. The binary only gathers the
-//! environment and stdin and calls [`run`].
+//! environment and stdin and calls [`run()`](fn@run).
 //!
 //! - [`spec`]: the spec's wire types (config, previous result, error, version).
-//! - [`env`]: the `CNI_*` variables and `CNI_ARGS`.
+//! - [`env`](mod@env): the `CNI_*` variables and `CNI_ARGS`.
 //! - [`pod`]: from a previous result to the [`PodRegistration`](crate::api::PodRegistration).
 //! - [`run`](mod@run): one function per command, talking to the agent.
 pub mod env;

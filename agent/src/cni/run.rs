@@ -30,6 +30,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// A failure, for the binary's own errors before [`run`] (e.g. no runtime).
+    #[must_use]
     pub fn error(cni_version: &str, err: &CniError) -> Self {
         Self {
             stdout: err.to_json(cni_version),
@@ -179,6 +180,8 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
 /// reached, failing would only make the runtime retry the DEL and hold up the pod's
 /// teardown, while the agent drops registrations of vanished pods when it (re)starts.
 /// So an unreachable or unresponsive agent is logged and DEL succeeds.
+/// An agent that answers with a failure (e.g. a map write failed) fails DEL: the runtime
+/// retries, and the agent is there to act on the retry.
 async fn del(env: &CniEnv, conf: &NetConf, log: &mut Vec<String>) -> Result<(), CniError> {
     let container_id = CniEnv::require(&env.container_id, "CNI_CONTAINERID")?;
     // Only informational on DEL; a runtime's garbled CNI_ARGS must not block teardown.

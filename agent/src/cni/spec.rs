@@ -54,6 +54,7 @@ pub struct Interface {
 
 impl Interface {
     /// True for an interface inside a sandbox (the pod), false for one on the host.
+    #[must_use]
     pub fn in_sandbox(&self) -> bool {
         self.sandbox.as_deref().is_some_and(|s| !s.is_empty())
     }
@@ -115,6 +116,7 @@ impl CniError {
     }
 
     /// The error's JSON as the spec lays it out.
+    #[must_use]
     pub fn to_json(&self, cni_version: &str) -> String {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]

@@ -143,8 +143,28 @@ impl Datapath {
 
     /// Writes the desired frontends. Errors name the frontends left at their previous state.
     pub fn sync(&mut self, desired: &Desired) -> (SyncReport, Vec<WriteError>) {
-        let specs = frontend_specs(desired);
-        self.services.sync(&specs)
+        self.sync_frontends(&frontend_specs(desired))
+    }
+
+    /// Writes frontends given as map entries (what [`Datapath::sync`] derives from the model).
+    pub fn sync_frontends(&mut self, specs: &[FrontendSpec]) -> (SyncReport, Vec<WriteError>) {
+        self.services.sync(specs)
+    }
+
+    /// Runs tc program `name` once on `packet` through `BPF_PROG_TEST_RUN`, returning the
+    /// verdict and the packet as the program left it (program tests use this).
+    pub fn test_run(&self, name: &str, packet: &[u8]) -> Result<(i32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        // Room for programs that grow the packet (the ICMP reject adds 28 bytes).
+        let mut out = vec![0u8; packet.len() + 128];
+        let result = prog.test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..TestRunOptions::default() })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
     }
 
     /// Frontends installed.

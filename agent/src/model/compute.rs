@@ -1,4 +1,4 @@
-//! Services in, frontends out: kube-proxy's service semantics for ClusterIP frontends.
+//! Services in, frontends out: kube-proxy's service semantics for `ClusterIP` frontends.
 
 use std::collections::btree_map::Entry;
 use std::net::IpAddr;
@@ -31,7 +31,9 @@ fn add_service(
     key: &ObjRef,
     service: &Service,
 ) {
-    let Some(spec) = service.spec.as_ref() else { return };
+    let Some(spec) = service.spec.as_ref() else {
+        return;
+    };
     let skip = |desired: &mut Desired, port_name: Option<&str>, reason: String| {
         desired.skipped.push(Skipped {
             service: key.clone(),
@@ -40,13 +42,19 @@ fn add_service(
         });
     };
     if !proxied_by_us(service.metadata.labels.as_ref()) {
-        skip(desired, None, "labelled for another service proxy".to_owned());
+        skip(
+            desired,
+            None,
+            "labelled for another service proxy".to_owned(),
+        );
         return;
     }
     if spec.type_.as_deref() == Some("ExternalName") {
         return;
     }
-    let Some(vips) = cluster_ips(spec) else { return }; // headless: DNS only, no VIP
+    let Some(vips) = cluster_ips(spec) else {
+        return;
+    }; // headless: DNS only, no VIP
     if vips.is_empty() {
         // In a cluster the API server allocates one; in manifests mode nothing does.
         skip(desired, None, "no spec.clusterIP".to_owned());
@@ -68,17 +76,33 @@ fn add_service(
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                skip(desired, Some(port_name), format!("protocol {other} is not supported"));
+                skip(
+                    desired,
+                    Some(port_name),
+                    format!("protocol {other} is not supported"),
+                );
                 continue;
             }
         };
         let Some(number) = u16::try_from(port.port).ok().filter(|&n| n != 0) else {
-            skip(desired, Some(port_name), format!("invalid port {}", port.port));
+            skip(
+                desired,
+                Some(port_name),
+                format!("invalid port {}", port.port),
+            );
             continue;
         };
         for &vip in &parsed {
             let candidates = if has_selector {
-                endpoints::from_pods(state, pod_ips, &key.namespace, spec, port, protocol, vip.is_ipv4())
+                endpoints::from_pods(
+                    state,
+                    pod_ips,
+                    &key.namespace,
+                    spec,
+                    port,
+                    protocol,
+                    vip.is_ipv4(),
+                )
             } else {
                 endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4())
             };
@@ -88,14 +112,22 @@ fn add_service(
                 affinity_timeout_s,
                 backends: endpoints::select(&candidates),
             };
-            let fkey = FrontendKey { vip, port: number, protocol };
+            let fkey = FrontendKey {
+                vip,
+                port: number,
+                protocol,
+            };
             match desired.frontends.entry(fkey) {
                 Entry::Vacant(slot) => {
                     slot.insert(frontend);
                 }
                 // Services are visited in key order, so the same one always wins.
                 Entry::Occupied(taken) => {
-                    let reason = format!("{} is already served by {}", taken.key(), taken.get().service);
+                    let reason = format!(
+                        "{} is already served by {}",
+                        taken.key(),
+                        taken.get().service
+                    );
                     skip(desired, Some(port_name), reason);
                 }
             }
@@ -109,12 +141,21 @@ fn add_service(
 /// The service's cluster IPs (`spec.clusterIPs`, else `spec.clusterIP`), or `None` for a
 /// headless service. Empty when none is set.
 fn cluster_ips(spec: &ServiceSpec) -> Option<Vec<&str>> {
-    let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    let mut ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.as_deref());
     }
     ips.retain(|ip| !ip.is_empty());
-    if ips.contains(&"None") { None } else { Some(ips) }
+    if ips.contains(&"None") {
+        None
+    } else {
+        Some(ips)
+    }
 }
 
 fn affinity_timeout_s(spec: &ServiceSpec) -> Option<u32> {
@@ -126,5 +167,9 @@ fn affinity_timeout_s(spec: &ServiceSpec) -> Option<u32> {
         .as_ref()
         .and_then(|c| c.client_ip.as_ref())
         .and_then(|c| c.timeout_seconds);
-    Some(configured.and_then(|t| u32::try_from(t).ok()).unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S))
+    Some(
+        configured
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+    )
 }

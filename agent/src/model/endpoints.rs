@@ -1,5 +1,5 @@
 //! Endpoints of one service port: computed from pods (services with a selector, where ferrovia
-//! plays the EndpointSlice controller) or read from EndpointSlices (services without one), then
+//! plays the `EndpointSlice` controller) or read from `EndpointSlice`s (services without one), then
 //! selected as kube-proxy does.
 
 use std::collections::BTreeMap;
@@ -11,14 +11,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{ClusterState, ObjRef, PodIps, Protocol};
 
-/// The label tying an EndpointSlice to its Service.
+/// The label tying an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Objects with this label belong to another service proxy: kube-proxy ignores them, so do we.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Set on the EndpointSlices of headless services, which no proxy serves.
+/// Set on the `EndpointSlice`s of headless services, which no proxy serves.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
-/// One candidate endpoint with the EndpointSlice conditions kube-proxy decides on.
+/// One candidate endpoint with the `EndpointSlice` conditions kube-proxy decides on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -29,6 +29,7 @@ pub struct Endpoint {
 
 /// Whether kube-proxy (and so ferrovia) handles an object with these labels, as its informers'
 /// label selector (`!service-proxy-name,!headless`) decides.
+#[must_use]
 pub fn proxied_by_us(labels: Option<&BTreeMap<String, String>>) -> bool {
     labels.is_none_or(|l| {
         !l.contains_key(SERVICE_PROXY_NAME_LABEL) && !l.contains_key(HEADLESS_LABEL)
@@ -37,9 +38,13 @@ pub fn proxied_by_us(labels: Option<&BTreeMap<String, String>>) -> bool {
 
 /// kube-proxy's selection (`CategorizeEndpoints`): the ready endpoints; only when none is ready,
 /// the ones that are serving and terminating (graceful termination, KEP-1669).
+#[must_use]
 pub fn select(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
-    let mut chosen: Vec<SocketAddr> =
-        endpoints.iter().filter(|e| e.ready).map(|e| e.addr).collect();
+    let mut chosen: Vec<SocketAddr> = endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| e.addr)
+        .collect();
     if chosen.is_empty() {
         chosen = endpoints
             .iter()
@@ -52,8 +57,9 @@ pub fn select(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
     chosen
 }
 
-/// What the EndpointSlice controller would publish for `port` of a service with a selector:
+/// What the `EndpointSlice` controller would publish for `port` of a service with a selector:
 /// one endpoint per pod matching it that has an IP of the VIP's family and resolves the target port.
+#[must_use]
 pub fn from_pods(
     state: &ClusterState,
     pod_ips: &PodIps,
@@ -87,8 +93,9 @@ pub fn from_pods(
         .collect()
 }
 
-/// The endpoints that the EndpointSlices of service `svc` list for the service port named
+/// The endpoints that the `EndpointSlice`s of service `svc` list for the service port named
 /// `port_name` with `protocol`, of the VIP's family — kube-proxy's `EndpointSliceCache`.
+#[must_use]
 pub fn from_slices(
     state: &ClusterState,
     svc: &ObjRef,
@@ -133,13 +140,18 @@ fn slice_port(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Opt
     slice.ports.as_ref()?.iter().find_map(|p| {
         let same = p.name.as_deref().unwrap_or("") == port_name
             && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_k8s();
-        same.then_some(p.port).flatten().and_then(|n| u16::try_from(n).ok()).filter(|&n| n != 0)
+        same.then_some(p.port)
+            .flatten()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0)
     })
 }
 
 fn matches_selector(pod: &Pod, selector: &BTreeMap<String, String>) -> bool {
     let labels = pod.metadata.labels.as_ref();
-    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 /// Succeeded or Failed: the pod will never serve again.
@@ -169,12 +181,23 @@ fn pod_ip(pod: &Pod, key: &ObjRef, pod_ips: &PodIps, ipv4: bool) -> Option<IpAdd
         .filter(|ip| !ip.is_empty())
         .collect();
     if listed.is_empty() {
-        listed.extend(status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty()));
+        listed.extend(
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .filter(|ip| !ip.is_empty()),
+        );
     }
     if listed.is_empty() {
-        return pod_ips.get(key)?.iter().copied().find(|ip| ip.is_ipv4() == ipv4);
+        return pod_ips
+            .get(key)?
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == ipv4);
     }
-    listed.into_iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).find(|ip| ip.is_ipv4() == ipv4)
+    listed
+        .into_iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find(|ip| ip.is_ipv4() == ipv4)
 }
 
 /// The endpoint port for `port` on `pod`: the numeric `targetPort` (default: `port`), or the
@@ -186,10 +209,15 @@ fn target_port(port: &ServicePort, pod: &Pod, protocol: Protocol) -> Option<u16>
         Some(IntOrString::Int(n)) => *n,
         Some(IntOrString::String(name)) => {
             let spec = pod.spec.as_ref()?;
-            let sidecars = spec.init_containers.iter().flatten().filter(|c| {
-                c.restart_policy.as_deref() == Some("Always")
-            });
-            spec.containers.iter().chain(sidecars).find_map(|c| named_port(c, name, protocol))?
+            let sidecars = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+            spec.containers
+                .iter()
+                .chain(sidecars)
+                .find_map(|c| named_port(c, name, protocol))?
         }
     };
     u16::try_from(number).ok().filter(|&n| n != 0)

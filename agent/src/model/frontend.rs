@@ -42,7 +42,12 @@ pub struct FrontendKey {
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.vip, self.port), self.protocol)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.vip, self.port),
+            self.protocol
+        )
     }
 }
 

@@ -5,7 +5,7 @@
 //! - [`cluster`]: the input snapshot ([`ClusterState`], [`ObjRef`], [`PodIps`]).
 //! - [`frontend`]: the output ([`Desired`], [`FrontendKey`], [`Frontend`], [`Protocol`]).
 //! - [`compute`](mod@compute): service → frontends (VIPs × ports, affinity).
-//! - [`endpoints`]: endpoints from pods or EndpointSlices, and kube-proxy's selection.
+//! - [`endpoints`]: endpoints from pods or `EndpointSlice`s, and kube-proxy's selection.
 
 pub mod cluster;
 pub mod compute;

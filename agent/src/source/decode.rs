@@ -1,5 +1,6 @@
 //! One manifest file's text → its documents → typed, validated Kubernetes objects.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -93,7 +94,7 @@ pub enum Decoded {
 
 /// Splits `text` into its YAML documents: (1-based index, content) for each non-empty one.
 /// Empty documents are skipped but counted, so indices match what a reader counts in the file.
-pub fn documents(file: &Path, text: &str) -> Result<Vec<(usize, Value)>, ManifestError> {
+pub fn documents(file: &Path, text: &str) -> Result<Vec<(usize, Value)>, Box<ManifestError>> {
     // serde-saphyr skips empty documents without saying so: find where each document starts
     // with the parser underneath it, to give every value its true index.
     let mut starts = Vec::new();
@@ -103,20 +104,31 @@ pub fn documents(file: &Path, text: &str) -> Result<Vec<(usize, Value)>, Manifes
             Ok(_) => {}
             Err(e) => {
                 let line = Some(e.marker().line() as u64);
-                return Err(ManifestError::file(file, line, format!("invalid YAML: {}", e.info())));
+                return Err(Box::new(ManifestError::file(
+                    file,
+                    line,
+                    format!("invalid YAML: {}", e.info()),
+                )));
             }
         }
     }
     let values: Vec<Spanned<Value>> = serde_saphyr::from_multiple(text).map_err(|e| {
         let line = e.location().map(|l| l.line()).filter(|&l| l > 0);
-        ManifestError::file(file, line, format!("invalid YAML: {}", e.without_snippet()))
+        Box::new(ManifestError::file(
+            file,
+            line,
+            format!("invalid YAML: {}", e.without_snippet()),
+        ))
     })?;
     Ok(values
         .into_iter()
         .map(|v| {
             let line = v.referenced.line();
             // The last document starting at or before the value's first line holds it.
-            (starts.partition_point(|&start| start <= line).max(1), v.value)
+            (
+                starts.partition_point(|&start| start <= line).max(1),
+                v.value,
+            )
         })
         .collect())
 }
@@ -132,7 +144,14 @@ pub fn decode(file: &Path, document: usize, value: &Value) -> Decoded {
         message,
     };
     let Value::Object(map) = value else {
-        return Decoded::Invalid(None, vec![err(None, None, "not a Kubernetes object (a mapping)".into())]);
+        return Decoded::Invalid(
+            None,
+            vec![err(
+                None,
+                None,
+                "not a Kubernetes object (a mapping)".into(),
+            )],
+        );
     };
     let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_owned();
     let api_version = text(map.get("apiVersion"));
@@ -148,25 +167,39 @@ pub fn decode(file: &Path, document: usize, value: &Value) -> Decoded {
             tracing::debug!(file = %file.display(), document, "{api_version} {kind_name} {name}: not read yet, ignored");
             return Decoded::Ignored;
         }
-        let object = Some(if name.is_empty() { "<unnamed>".to_owned() } else { format!("{kind_name} {name}") });
+        let object = Some(if name.is_empty() {
+            "<unnamed>".to_owned()
+        } else {
+            format!("{kind_name} {name}")
+        });
         let (field, message) = unknown_kind(&api_version, &kind_name);
         return Decoded::Invalid(None, vec![err(object, Some(field.to_owned()), message)]);
     };
     let identity = (!name.is_empty()).then(|| Identity {
         kind,
-        key: ObjRef::new(if kind.namespaced() { namespace.as_str() } else { "" }, name.as_str()),
+        key: ObjRef::new(
+            if kind.namespaced() {
+                namespace.as_str()
+            } else {
+                ""
+            },
+            name.as_str(),
+        ),
     });
     let object = Some(match &identity {
         Some(id) => id.to_string(),
         None => format!("{kind:?} <unnamed>"),
     });
     let decoded = match kind {
-        Kind::Service => typed(value, &namespace, validate::service).map(|o| Object::Service(Arc::new(o))),
-        Kind::EndpointSlice => {
-            typed(value, &namespace, validate::endpoint_slice).map(|o| Object::EndpointSlice(Arc::new(o)))
+        Kind::Service => {
+            typed(value, &namespace, validate::service).map(|o| Object::Service(Arc::new(o)))
         }
+        Kind::EndpointSlice => typed(value, &namespace, validate::endpoint_slice)
+            .map(|o| Object::EndpointSlice(Arc::new(o))),
         Kind::Pod => typed(value, &namespace, validate::pod).map(|o| Object::Pod(Arc::new(o))),
-        Kind::Namespace => typed(value, "", |_: &Namespace| Vec::new()).map(|o| Object::Namespace(Arc::new(o))),
+        Kind::Namespace => {
+            typed(value, "", |_: &Namespace| Vec::new()).map(|o| Object::Namespace(Arc::new(o)))
+        }
     };
     let mut problems = match decoded {
         Ok(object) => match identity {
@@ -180,28 +213,43 @@ pub fn decode(file: &Path, document: usize, value: &Value) -> Decoded {
     }
     let errors = problems
         .into_iter()
-        .map(|p| err(object.clone(), Some(p.field).filter(|f| !f.is_empty()), p.message))
+        .map(|p| {
+            err(
+                object.clone(),
+                Some(p.field).filter(|f| !f.is_empty()),
+                p.message,
+            )
+        })
         .collect();
     Decoded::Invalid(identity, errors)
 }
 
 fn unknown_kind(api_version: &str, kind: &str) -> (&'static str, String) {
-    const READ: &str = "ferrovia reads v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod and v1 Namespace";
+    const READ: &str =
+        "ferrovia reads v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod and v1 Namespace";
     match (api_version, kind) {
         (_, "") => ("kind", "required".to_owned()),
         ("", _) => ("apiVersion", "required".to_owned()),
         // kube-proxy reads EndpointSlices only; in a cluster a controller mirrors Endpoints.
-        ("v1", "Endpoints") => ("kind", "v1 Endpoints is not read: write a discovery.k8s.io/v1 EndpointSlice".to_owned()),
-        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace") => {
-            ("apiVersion", format!("{api_version} {kind} is not supported: {READ}"))
-        }
+        ("v1", "Endpoints") => (
+            "kind",
+            "v1 Endpoints is not read: write a discovery.k8s.io/v1 EndpointSlice".to_owned(),
+        ),
+        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace") => (
+            "apiVersion",
+            format!("{api_version} {kind} is not supported: {READ}"),
+        ),
         _ => ("kind", format!("unknown kind {api_version} {kind}: {READ}")),
     }
 }
 
 /// Decodes `value` into `T` strictly (unknown fields are errors, as `kubectl apply`'s default
 /// strict validation), defaults its namespace, and validates it.
-fn typed<T>(value: &Value, namespace: &str, validate: impl Fn(&T) -> Vec<FieldError>) -> Result<T, Vec<FieldError>>
+fn typed<T>(
+    value: &Value,
+    namespace: &str,
+    validate: impl Fn(&T) -> Vec<FieldError>,
+) -> Result<T, Vec<FieldError>>
 where
     T: DeserializeOwned + Serialize + k8s_openapi::Metadata<Ty = ObjectMeta>,
 {
@@ -218,7 +266,11 @@ where
         object.metadata_mut().namespace = Some(namespace.to_owned());
     }
     problems.extend(validate(&object));
-    if problems.is_empty() { Ok(object) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(object)
+    } else {
+        Err(problems)
+    }
 }
 
 fn unknown_fields(given: &Value, known: &Value, path: &mut String, out: &mut Vec<FieldError>) {
@@ -242,7 +294,7 @@ fn unknown_fields(given: &Value, known: &Value, path: &mut String, out: &mut Vec
         }
         (Value::Array(given), Value::Array(known)) => {
             for (i, (value, known)) in given.iter().zip(known).enumerate() {
-                path.push_str(&format!("[{i}]"));
+                let _ = write!(path, "[{i}]"); // writing to a String cannot fail
                 unknown_fields(value, known, path, out);
                 path.truncate(len);
             }
@@ -250,4 +302,3 @@ fn unknown_fields(given: &Value, known: &Value, path: &mut String, out: &mut Vec
         _ => {}
     }
 }
-

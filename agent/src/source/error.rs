@@ -25,7 +25,11 @@ pub struct ManifestError {
 
 impl ManifestError {
     /// An error about a whole file (unreadable, not YAML).
-    pub(crate) fn file(file: impl Into<PathBuf>, line: Option<u64>, message: impl Into<String>) -> Self {
+    pub(crate) fn file(
+        file: impl Into<PathBuf>,
+        line: Option<u64>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             file: file.into(),
             line,

@@ -24,7 +24,7 @@ pub const MAX_DELAY: Duration = Duration::from_millis(500);
 /// The manifests directory as a [`StateSource`].
 ///
 /// Reads every `*.yaml`/`*.yml` file directly in the directory (not in subdirectories; hidden
-/// files are skipped, symlinks followed, so a mounted ConfigMap works), each with any number of
+/// files are skipped, symlinks followed, so a mounted `ConfigMap` works), each with any number of
 /// `---`-separated documents of kind `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`,
 /// `v1 Pod` or `v1 Namespace`.
 ///
@@ -54,7 +54,10 @@ struct Entry {
 
 impl ManifestsSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), store: Mutex::default() }
+        Self {
+            dir: dir.into(),
+            store: Mutex::default(),
+        }
     }
 
     #[must_use]
@@ -71,7 +74,11 @@ impl ManifestsSource {
             Ok(paths) => paths,
             Err(e) => {
                 // Without a listing nothing is known to have changed: keep everything.
-                errors.push(ManifestError::file(&self.dir, None, format!("cannot list the directory: {e}")));
+                errors.push(ManifestError::file(
+                    &self.dir,
+                    None,
+                    format!("cannot list the directory: {e}"),
+                ));
                 store.files.keys().cloned().collect()
             }
         };
@@ -107,12 +114,23 @@ impl ManifestsSource {
     /// The state of the last load.
     #[must_use]
     pub fn state(&self) -> Arc<ClusterState> {
-        Arc::clone(&self.store.lock().unwrap_or_else(PoisonError::into_inner).state)
+        Arc::clone(
+            &self
+                .store
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .state,
+        )
     }
 
     /// Loads once, then starts [`StateSource::run`] on the current tokio runtime: the receiver
     /// holds the loaded state at once and sees every change after.
-    pub fn spawn(self: &Arc<Self>) -> (watch::Receiver<Arc<ClusterState>>, JoinHandle<anyhow::Result<()>>) {
+    pub fn spawn(
+        self: &Arc<Self>,
+    ) -> (
+        watch::Receiver<Arc<ClusterState>>,
+        JoinHandle<anyhow::Result<()>>,
+    ) {
         let (tx, rx) = watch::channel(self.reload());
         let source = Arc::clone(self);
         (rx, tokio::spawn(async move { source.run(tx).await }))
@@ -161,7 +179,11 @@ impl StateSource for ManifestsSource {
     }
 
     fn errors(&self) -> Vec<ManifestError> {
-        self.store.lock().unwrap_or_else(PoisonError::into_inner).errors.clone()
+        self.store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .errors
+            .clone()
     }
 }
 
@@ -187,8 +209,13 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let yaml = Path::new(name).extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let yaml = Path::new(name)
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml");
         // Follows symlinks: a mounted ConfigMap's files are symlinks. A dangling one (an
         // editor's lock file) is skipped.
         if yaml && !name.starts_with('.') && std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
@@ -201,7 +228,11 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The objects `path` contributes now, or `None` when it cannot be read or parsed (the caller
 /// then keeps its previous contribution).
-fn load_file(path: &Path, previous: &ClusterState, errors: &mut Vec<ManifestError>) -> Option<Vec<Entry>> {
+fn load_file(
+    path: &Path,
+    previous: &ClusterState,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Vec<Entry>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         // Deleted since the listing: it contributes nothing.
@@ -214,20 +245,28 @@ fn load_file(path: &Path, previous: &ClusterState, errors: &mut Vec<ManifestErro
     let documents = match decode::documents(path, &text) {
         Ok(documents) => documents,
         Err(e) => {
-            errors.push(e);
+            errors.push(*e);
             return None;
         }
     };
     let mut entries = Vec::new();
     for (document, value) in documents {
         match decode::decode(path, document, &value) {
-            Decoded::Valid(identity, object) => entries.push(Entry { document, identity, object }),
+            Decoded::Valid(identity, object) => entries.push(Entry {
+                document,
+                identity,
+                object,
+            }),
             Decoded::Invalid(identity, problems) => {
                 errors.extend(problems);
                 if let Some(identity) = identity
                     && let Some(object) = previous_version(previous, &identity)
                 {
-                    entries.push(Entry { document, identity, object });
+                    entries.push(Entry {
+                        document,
+                        identity,
+                        object,
+                    });
                 }
             }
             Decoded::Ignored => {}
@@ -239,9 +278,17 @@ fn load_file(path: &Path, previous: &ClusterState, errors: &mut Vec<ManifestErro
 fn previous_version(state: &ClusterState, id: &Identity) -> Option<Object> {
     match id.kind {
         Kind::Service => state.services.get(&id.key).cloned().map(Object::Service),
-        Kind::EndpointSlice => state.endpoint_slices.get(&id.key).cloned().map(Object::EndpointSlice),
+        Kind::EndpointSlice => state
+            .endpoint_slices
+            .get(&id.key)
+            .cloned()
+            .map(Object::EndpointSlice),
         Kind::Pod => state.pods.get(&id.key).cloned().map(Object::Pod),
-        Kind::Namespace => state.namespaces.get(&id.key.name).cloned().map(Object::Namespace),
+        Kind::Namespace => state
+            .namespaces
+            .get(&id.key.name)
+            .cloned()
+            .map(Object::Namespace),
     }
 }
 
@@ -259,7 +306,10 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Entry>>, errors: &mut Vec<ManifestError>)
                     document: Some(entry.document),
                     object: Some(entry.identity.to_string()),
                     field: Some("metadata.name".to_owned()),
-                    message: format!("duplicate: already defined in {} document {document}", file.display()),
+                    message: format!(
+                        "duplicate: already defined in {} document {document}",
+                        file.display()
+                    ),
                 });
                 continue;
             }

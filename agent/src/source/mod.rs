@@ -35,7 +35,10 @@ pub trait StateSource: Send + Sync {
     /// Publishes the current state into `tx`, then every change, until all receivers are gone.
     /// An error means the source cannot work at all (its directory cannot be watched…); bad
     /// objects are not errors here but [`StateSource::errors`].
-    fn run(&self, tx: watch::Sender<Arc<ClusterState>>) -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn run(
+        &self,
+        tx: watch::Sender<Arc<ClusterState>>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// What the last load rejected, for status and tests.
     fn errors(&self) -> Vec<Self::Error>;

@@ -72,7 +72,14 @@ spec: {{podSelector: {{}}}}
 "
         ),
     );
-    write(dir.path(), "other.yml", SERVICE.replace("hostnames", "second").replace("10.96.0.10", "10.96.0.11").as_str());
+    write(
+        dir.path(),
+        "other.yml",
+        SERVICE
+            .replace("hostnames", "second")
+            .replace("10.96.0.10", "10.96.0.11")
+            .as_str(),
+    );
     write(dir.path(), "notes.txt", "not a manifest");
     let (state, errors) = load_dir(dir.path());
     assert_eq!(errors, []);
@@ -82,7 +89,11 @@ spec: {{podSelector: {{}}}}
     let svc = &state.services[&ObjRef::new("default", "hostnames")];
     assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
     assert!(state.pods.contains_key(&ObjRef::new("shop", "web-0")));
-    assert!(state.endpoint_slices.contains_key(&ObjRef::new("default", "ext-1")));
+    assert!(
+        state
+            .endpoint_slices
+            .contains_key(&ObjRef::new("default", "ext-1"))
+    );
     assert!(state.namespaces.contains_key("shop"));
     assert_eq!(state.len(), 5);
 }
@@ -116,8 +127,14 @@ fn pod_with(body: &str) -> String {
 
 #[test]
 fn error_display_names_file_document_object_and_field() {
-    let e = only_error(&format!("---\n# nothing\n---\n{}", svc_with("  ports: [{port: 70000}]\n")));
-    assert_eq!(e.to_string(), "x.yaml: document 2: Service default/hostnames: spec.ports[0].port: 70000 is out of range 1..=65535");
+    let e = only_error(&format!(
+        "---\n# nothing\n---\n{}",
+        svc_with("  ports: [{port: 70000}]\n")
+    ));
+    assert_eq!(
+        e.to_string(),
+        "x.yaml: document 2: Service default/hostnames: spec.ports[0].port: 70000 is out of range 1..=65535"
+    );
 }
 
 #[test]
@@ -126,10 +143,17 @@ fn document_indices_count_empty_documents() {
     let e = only_error(&format!("---\n---\n# only a comment\n---\n{bad}"));
     assert_eq!(e.document, Some(3), "{e}");
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "x.yaml", &format!("{SERVICE}---\n---\n{bad}---\n"));
+    write(
+        dir.path(),
+        "x.yaml",
+        &format!("{SERVICE}---\n---\n{bad}---\n"),
+    );
     let (state, errors) = load_dir(dir.path());
     assert_eq!(state.services.len(), 1);
-    assert_eq!(errors.iter().map(|e| e.document).collect::<Vec<_>>(), [Some(3)]);
+    assert_eq!(
+        errors.iter().map(|e| e.document).collect::<Vec<_>>(),
+        [Some(3)]
+    );
 }
 
 #[test]
@@ -190,12 +214,19 @@ fn each_invalid_case_names_object_and_field() {
 fn duplicate_objects_keep_the_first_definition() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", SERVICE);
-    write(dir.path(), "b.yaml", &SERVICE.replace("port: 80", "port: 81"));
+    write(
+        dir.path(),
+        "b.yaml",
+        &SERVICE.replace("port: 80", "port: 81"),
+    );
     let (state, errors) = load_dir(dir.path());
     assert_eq!(service_port(&state, "hostnames"), 80);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].file, dir.path().join("b.yaml"));
-    assert_eq!(errors[0].object.as_deref(), Some("Service default/hostnames"));
+    assert_eq!(
+        errors[0].object.as_deref(),
+        Some("Service default/hostnames")
+    );
     assert_eq!(errors[0].field.as_deref(), Some("metadata.name"));
     assert!(errors[0].message.contains("duplicate"), "{}", errors[0]);
 }
@@ -203,7 +234,11 @@ fn duplicate_objects_keep_the_first_definition() {
 #[test]
 fn yaml_syntax_error_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "x.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [oops}\n");
+    write(
+        dir.path(),
+        "x.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [oops}\n",
+    );
     let (_, errors) = load_dir(dir.path());
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].file, dir.path().join("x.yaml"));
@@ -216,13 +251,25 @@ fn last_good_state_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let source = ManifestsSource::new(dir.path());
     write(dir.path(), "svc.yaml", SERVICE);
-    write(dir.path(), "other.yaml", &SERVICE.replace("hostnames", "other"));
+    write(
+        dir.path(),
+        "other.yaml",
+        &SERVICE.replace("hostnames", "other"),
+    );
     let state = source.reload();
     assert_eq!(source.errors(), []);
     assert_eq!(state.services.len(), 2);
 
     // An object edited to invalid keeps its previous version; a new invalid one is left out.
-    write(dir.path(), "svc.yaml", &format!("{}---\n{}", SERVICE.replace("port: 80", "port: 70000"), svc_with("  clusterIP: bad\n").replace("hostnames", "new")));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &format!(
+            "{}---\n{}",
+            SERVICE.replace("port: 80", "port: 70000"),
+            svc_with("  clusterIP: bad\n").replace("hostnames", "new")
+        ),
+    );
     let state = source.reload();
     assert_eq!(service_port(&state, "hostnames"), 80);
     assert!(!state.services.contains_key(&ObjRef::new("default", "new")));
@@ -231,17 +278,32 @@ fn last_good_state_is_kept() {
     // A file that no longer parses keeps all its previous objects.
     write(dir.path(), "other.yaml", "kind: [broken\n");
     let state = source.reload();
-    assert!(state.services.contains_key(&ObjRef::new("default", "other")));
+    assert!(
+        state
+            .services
+            .contains_key(&ObjRef::new("default", "other"))
+    );
     assert_eq!(source.errors().len(), 3);
 
     // Fixed again: the new version is taken.
-    write(dir.path(), "svc.yaml", &SERVICE.replace("port: 80", "port: 8080"));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &SERVICE.replace("port: 80", "port: 8080"),
+    );
     assert_eq!(service_port(&source.reload(), "hostnames"), 8080);
 
     // A deleted file takes its objects with it, even if it was broken.
     std::fs::remove_file(dir.path().join("other.yaml")).unwrap();
     let state = source.reload();
-    assert_eq!(state.services.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["hostnames"]);
+    assert_eq!(
+        state
+            .services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["hostnames"]
+    );
     assert_eq!(source.errors(), []);
 }
 
@@ -255,7 +317,11 @@ fn unchanged_reload_returns_the_same_snapshot() {
 }
 
 /// Waits, generously, until the published state satisfies `done`.
-async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>, what: &str, done: impl Fn(&ClusterState) -> bool) {
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>,
+    what: &str,
+    done: impl Fn(&ClusterState) -> bool,
+) {
     let waited = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             if done(&rx.borrow_and_update()) {
@@ -265,7 +331,11 @@ async fn wait_for(rx: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>, what
         }
     })
     .await;
-    assert!(waited.is_ok(), "timed out waiting for {what}: {:?}", rx.borrow());
+    assert!(
+        waited.is_ok(),
+        "timed out waiting for {what}: {:?}",
+        rx.borrow()
+    );
 }
 
 #[tokio::test]
@@ -274,17 +344,33 @@ async fn watcher_sees_created_edited_replaced_and_deleted_files() {
     let source = Arc::new(ManifestsSource::new(dir.path()));
     let (mut rx, task) = source.spawn();
     assert!(rx.borrow().is_empty());
-    let port = |s: &ClusterState| s.services.get(&ObjRef::new("default", "hostnames")).map(|_| service_port(s, "hostnames"));
+    let port = |s: &ClusterState| {
+        s.services
+            .get(&ObjRef::new("default", "hostnames"))
+            .map(|_| service_port(s, "hostnames"))
+    };
 
     write(dir.path(), "svc.yaml", SERVICE);
     wait_for(&mut rx, "the created file", |s| port(s) == Some(80)).await;
 
-    write(dir.path(), "svc.yaml", &SERVICE.replace("port: 80", "port: 81"));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &SERVICE.replace("port: 80", "port: 81"),
+    );
     wait_for(&mut rx, "the edited file", |s| port(s) == Some(81)).await;
 
     // As editors save: write a temporary file, rename it over the original.
-    write(dir.path(), ".svc.yaml.tmp", &SERVICE.replace("port: 80", "port: 82"));
-    std::fs::rename(dir.path().join(".svc.yaml.tmp"), dir.path().join("svc.yaml")).unwrap();
+    write(
+        dir.path(),
+        ".svc.yaml.tmp",
+        &SERVICE.replace("port: 80", "port: 82"),
+    );
+    std::fs::rename(
+        dir.path().join(".svc.yaml.tmp"),
+        dir.path().join("svc.yaml"),
+    )
+    .unwrap();
     wait_for(&mut rx, "the replaced file", |s| port(s) == Some(82)).await;
 
     std::fs::remove_file(dir.path().join("svc.yaml")).unwrap();
@@ -293,5 +379,8 @@ async fn watcher_sees_created_edited_replaced_and_deleted_files() {
     // Dropping the last receiver stops the source.
     drop(rx);
     let stopped = tokio::time::timeout(Duration::from_secs(20), task).await;
-    stopped.expect("run returns once nobody listens").unwrap().unwrap();
+    stopped
+        .expect("run returns once nobody listens")
+        .unwrap()
+        .unwrap();
 }

@@ -20,28 +20,53 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
+#[must_use]
 pub fn service(service: &Service) -> Vec<FieldError> {
     let mut out = Vec::new();
-    let Some(spec) = &service.spec else { return out };
+    let Some(spec) = &service.spec else {
+        return out;
+    };
     if let Some(ip) = &spec.cluster_ip {
         cluster_ip(&mut out, "spec.clusterIP", ip);
     }
     for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
         cluster_ip(&mut out, &format!("spec.clusterIPs[{i}]"), ip);
     }
-    if let (Some(ip), Some(first)) = (&spec.cluster_ip, spec.cluster_ips.as_ref().and_then(|ips| ips.first()))
-        && !ip.is_empty()
+    if let (Some(ip), Some(first)) = (
+        &spec.cluster_ip,
+        spec.cluster_ips.as_ref().and_then(|ips| ips.first()),
+    ) && !ip.is_empty()
         && ip != first
     {
-        out.push(FieldError::new("spec.clusterIPs[0]", format!("{first:?} must equal spec.clusterIP {ip:?}")));
+        out.push(FieldError::new(
+            "spec.clusterIPs[0]",
+            format!("{first:?} must equal spec.clusterIP {ip:?}"),
+        ));
     }
-    one_of(&mut out, "spec.type", spec.type_.as_deref(), &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]);
-    one_of(&mut out, "spec.sessionAffinity", spec.session_affinity.as_deref(), &["None", "ClientIP"]);
-    let timeout = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds);
+    one_of(
+        &mut out,
+        "spec.type",
+        spec.type_.as_deref(),
+        &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+    );
+    one_of(
+        &mut out,
+        "spec.sessionAffinity",
+        spec.session_affinity.as_deref(),
+        &["None", "ClientIP"],
+    );
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
     if let Some(t) = timeout.filter(|t| !(1..=86_400).contains(t)) {
         out.push(FieldError::new(
             "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
@@ -57,10 +82,14 @@ pub fn service(service: &Service) -> Vec<FieldError> {
         protocol(&mut out, &field("protocol"), sp.protocol.as_deref());
         match &sp.target_port {
             Some(IntOrString::Int(n)) => port(&mut out, &field("targetPort"), *n),
-            Some(IntOrString::String(name)) if !is_iana_svc_name(name) => out.push(FieldError::new(
-                field("targetPort"),
-                format!("{name:?} is neither a port number nor a valid port name (IANA_SVC_NAME)"),
-            )),
+            Some(IntOrString::String(name)) if !is_iana_svc_name(name) => {
+                out.push(FieldError::new(
+                    field("targetPort"),
+                    format!(
+                        "{name:?} is neither a port number nor a valid port name (IANA_SVC_NAME)"
+                    ),
+                ));
+            }
             _ => {}
         }
         if let Some(n) = sp.node_port {
@@ -69,20 +98,34 @@ pub fn service(service: &Service) -> Vec<FieldError> {
         let name = sp.name.as_deref().unwrap_or("");
         // EndpointSlices are matched to service ports by name: several must be told apart.
         if ports.len() > 1 && name.is_empty() {
-            out.push(FieldError::new(field("name"), "required when the service has more than one port"));
+            out.push(FieldError::new(
+                field("name"),
+                "required when the service has more than one port",
+            ));
         } else if !names.insert(name) {
-            out.push(FieldError::new(field("name"), format!("duplicate port name {name:?}")));
+            out.push(FieldError::new(
+                field("name"),
+                format!("duplicate port name {name:?}"),
+            ));
         }
         if !numbers.insert((sp.port, sp.protocol.as_deref().unwrap_or("TCP"))) {
-            out.push(FieldError::new(field("port"), format!("duplicate port {} for this protocol", sp.port)));
+            out.push(FieldError::new(
+                field("port"),
+                format!("duplicate port {} for this protocol", sp.port),
+            ));
         }
     }
     out
 }
 
+#[must_use]
 pub fn endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
     let mut out = Vec::new();
-    let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL));
     if service.is_none_or(String::is_empty) {
         out.push(FieldError::new(
             format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
@@ -94,22 +137,34 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
         "IPv6" => Some(false),
         "FQDN" => None, // valid, and ignored by kube-proxy and ferrovia
         other => {
-            out.push(FieldError::new("addressType", format!("{other:?} is not one of IPv4, IPv6, FQDN")));
+            out.push(FieldError::new(
+                "addressType",
+                format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+            ));
             None
         }
     };
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
         if endpoint.addresses.is_empty() {
-            out.push(FieldError::new(format!("endpoints[{i}].addresses"), "at least one address is required"));
+            out.push(FieldError::new(
+                format!("endpoints[{i}].addresses"),
+                "at least one address is required",
+            ));
         }
         for (j, address) in endpoint.addresses.iter().enumerate() {
             let field = format!("endpoints[{i}].addresses[{j}]");
             match family {
                 Some(true) if address.parse::<Ipv4Addr>().is_err() => {
-                    out.push(FieldError::new(field, format!("{address:?} is not an IPv4 address (addressType IPv4)")));
+                    out.push(FieldError::new(
+                        field,
+                        format!("{address:?} is not an IPv4 address (addressType IPv4)"),
+                    ));
                 }
                 Some(false) if address.parse::<Ipv6Addr>().is_err() => {
-                    out.push(FieldError::new(field, format!("{address:?} is not an IPv6 address (addressType IPv6)")));
+                    out.push(FieldError::new(
+                        field,
+                        format!("{address:?} is not an IPv6 address (addressType IPv6)"),
+                    ));
                 }
                 _ => {}
             }
@@ -119,16 +174,25 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
         if let Some(n) = p.port {
             port(&mut out, &format!("ports[{i}].port"), n);
         }
-        protocol(&mut out, &format!("ports[{i}].protocol"), p.protocol.as_deref());
+        protocol(
+            &mut out,
+            &format!("ports[{i}].protocol"),
+            p.protocol.as_deref(),
+        );
     }
     out
 }
 
+#[must_use]
 pub fn pod(pod: &Pod) -> Vec<FieldError> {
     let mut out = Vec::new();
     if let Some(spec) = &pod.spec {
         containers(&mut out, "spec.containers", &spec.containers);
-        containers(&mut out, "spec.initContainers", spec.init_containers.as_deref().unwrap_or_default());
+        containers(
+            &mut out,
+            "spec.initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        );
     }
     if let Some(status) = &pod.status {
         if let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) {
@@ -156,7 +220,10 @@ fn containers(out: &mut Vec<FieldError>, field: &str, containers: &[Container]) 
 
 fn port(out: &mut Vec<FieldError>, field: &str, n: i32) {
     if !(1..=65_535).contains(&n) {
-        out.push(FieldError::new(field, format!("{n} is out of range 1..=65535")));
+        out.push(FieldError::new(
+            field,
+            format!("{n} is out of range 1..=65535"),
+        ));
     }
 }
 
@@ -175,7 +242,10 @@ fn protocol(out: &mut Vec<FieldError>, field: &str, protocol: Option<&str>) {
 
 fn one_of(out: &mut Vec<FieldError>, field: &str, value: Option<&str>, allowed: &[&str]) {
     if let Some(value) = value.filter(|v| !allowed.contains(v)) {
-        out.push(FieldError::new(field, format!("{value:?} is not one of {}", allowed.join(", "))));
+        out.push(FieldError::new(
+            field,
+            format!("{value:?} is not one of {}", allowed.join(", ")),
+        ));
     }
 }
 
@@ -188,15 +258,21 @@ fn cluster_ip(out: &mut Vec<FieldError>, field: &str, ip: &str) {
 
 fn address(out: &mut Vec<FieldError>, field: &str, ip: &str) {
     if ip.parse::<IpAddr>().is_err() {
-        out.push(FieldError::new(field, format!("{ip:?} is not a valid IP address")));
+        out.push(FieldError::new(
+            field,
+            format!("{ip:?} is not a valid IP address"),
+        ));
     }
 }
 
 /// RFC 6335 service name, as Kubernetes' `IsValidPortName`: at most 15 characters of `a-z`,
 /// `0-9` and `-`, at least one letter, no leading, trailing or doubled hyphen.
+#[must_use]
 pub fn is_iana_svc_name(name: &str) -> bool {
     (1..=15).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.bytes().any(|b| b.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')

@@ -111,7 +111,7 @@ fn report(title: &str, results: &[ProbeResult]) {
             _ => {
                 *errors
                     .entry(r.error.clone().unwrap_or_default())
-                    .or_default() += 1
+                    .or_default() += 1;
             }
         }
     }
