@@ -58,7 +58,7 @@ impl Node {
         };
         let mut pods = BTreeMap::new();
         for mut pod in previous {
-            if !Path::new("/sys/class/net").join(&pod.iface.ifname).exists() {
+            if !crate::datapath::interface_exists(&pod.iface.ifname) {
                 tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "interface gone since last run; forgetting the pod");
                 continue;
             }

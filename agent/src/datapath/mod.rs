@@ -8,7 +8,7 @@ pub mod services;
 use std::{
     collections::BTreeMap,
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -204,7 +204,7 @@ impl Datapath {
     pub fn is_attached(&self, iface: &AttachedInterface) -> bool {
         let links = attach::links_dir(&self.cfg.bpffs_root);
         let exists = |dir: &str| links.join(format!("tc-{}-{dir}", iface.ifname)).exists();
-        let up = Path::new("/sys/class/net").join(&iface.ifname).exists();
+        let up = interface_exists(&iface.ifname);
         match (iface.ingress, iface.egress) {
             (TcMode::Tcx, TcMode::Tcx) => exists("ingress") && exists("egress"),
             _ => up,
@@ -220,6 +220,13 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+/// Whether `ifname` exists in this process's network namespace. (Not `/sys/class/net`: that
+/// shows the namespace sysfs was mounted in, which differs under `nsenter --net`.)
+#[must_use]
+pub fn interface_exists(ifname: &str) -> bool {
+    nix::net::if_::if_nametoindex(ifname).is_ok()
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

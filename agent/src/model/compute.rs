@@ -93,8 +93,12 @@ fn add_service(
             continue;
         };
         for &vip in &parsed {
-            let candidates = if has_selector {
-                endpoints::from_pods(
+            // kube-proxy consumes every EndpointSlice labelled with the service's name,
+            // whoever wrote it; for a service with a selector, ferrovia (in manifests mode)
+            // also plays the EndpointSlice controller and derives endpoints from the pods.
+            let mut candidates = endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4());
+            if has_selector {
+                candidates.extend(endpoints::from_pods(
                     state,
                     pod_ips,
                     &key.namespace,
@@ -102,10 +106,8 @@ fn add_service(
                     port,
                     protocol,
                     vip.is_ipv4(),
-                )
-            } else {
-                endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4())
-            };
+                ));
+            }
             let frontend = Frontend {
                 service: key.clone(),
                 port_name: port_name.to_owned(),

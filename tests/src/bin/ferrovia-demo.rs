@@ -1,19 +1,22 @@
-//! `ferrovia-demo`: one simulated node, the real agent, three echo backends behind a
-//! `ClusterIP` Service, and a client pod calling it. Prints who answered and which source
-//! address each backend saw. Everything lives in network namespaces and is removed on exit.
+//! `ferrovia-demo`: one simulated node, the real agent on the example manifests of
+//! `deploy/examples/`, two echo backends behind the `hostnames` ClusterIP Service and a client
+//! pod. Shows the spread of requests over the backends, the hairpin case, on the socket-level
+//! path and then on the per-packet path, and which source address each backend saw.
+//! Everything lives in network namespaces and is removed on exit.
 //!
-//! Needs root and the workspace binaries (`cargo build`).
-
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+//! Needs root and the workspace binaries (`cargo xtask demo` builds them).
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ferrovia_tests::{AgentOpts, Node, Pod, ProbeResult, ProbeSpec};
 
-/// Where the demo Service lives; inside the node's namespace only, never routed anywhere else.
+/// The example Service's VIP and port (deploy/examples/hostnames.yaml).
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const TARGET_PORT: u16 = 9376;
@@ -21,69 +24,72 @@ const TARGET_PORT: u16 = 9376;
 #[derive(Parser)]
 #[command(about = "Run a one-node ferrovia demo in network namespaces")]
 struct Args {
-    /// Requests per protocol.
-    #[arg(long, default_value_t = 30)]
+    /// Requests per protocol and path.
+    #[arg(long, default_value_t = 20)]
     requests: u64,
-    /// Socket-level load balancing (false: per-packet only).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    socket_lb: bool,
-    /// Number of backend pods.
-    #[arg(long, default_value_t = 3)]
-    backends: usize,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let node = Node::new().context("creating the node")?;
-    println!("node {} (pods in {})", node.name(), node.pod_subnet());
-    let agent = node
-        .start_agent(AgentOpts {
-            socket_lb: args.socket_lb,
-            ..AgentOpts::default()
-        })
-        .context("starting ferrovia-agent")?;
-    println!(
-        "agent running (pid {:?}), log in {}",
-        agent.pid(),
-        node.dir().display()
-    );
+    println!("== node {} (pod subnet {})", node.name(), node.pod_subnet());
+    for entry in std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        node.write_manifest(&name, &std::fs::read_to_string(&path)?)?;
+        println!("   manifests: {}", path.display());
+    }
+    let mut agent = node.start_agent(AgentOpts::default()).context("starting ferrovia-agent")?;
+    println!("== ferrovia-agent running, socket-level LB on (log: {}/agent.log)", node.dir().display());
 
-    let backends: Vec<Pod> = (0..args.backends)
-        .map(|i| node.add_pod("default", &format!("web-{i}")))
+    // Pods are created through the real CNI chain (ptp + host-local, then ferrovia-cni),
+    // named as in the manifests so the agent can match their registered IPs.
+    let backends: Vec<Pod> = ["hostnames-0", "hostnames-1"]
+        .iter()
+        .map(|n| node.add_pod("default", n))
         .collect::<Result<_>>()?;
     let client = node.add_pod("default", "client")?;
     let _servers = backends
         .iter()
         .map(|p| p.serve(&[&format!("tcp:{TARGET_PORT}"), &format!("udp:{TARGET_PORT}")]))
         .collect::<Result<Vec<_>>>()?;
-    for p in &backends {
-        println!(
-            "  pod {:<8} {:<15} host side {}",
-            p.name, p.ip, p.host_ifname
-        );
+    for p in backends.iter().chain([&client]) {
+        println!("   pod default/{:<12} {:<15} host side {}", p.name, p.ip, p.host_ifname);
     }
-    println!(
-        "  pod {:<8} {:<15} host side {}",
-        client.name, client.ip, client.host_ifname
-    );
 
-    node.write_manifest("web.yaml", &web_manifests(&backends))?;
     let vip = SocketAddr::from((CLUSTER_IP, SERVICE_PORT));
-    println!("\nService default/web {vip} -> :{TARGET_PORT}; waiting for the data path...");
     wait_until_served(&client, vip, Duration::from_secs(15))?;
+    show_paths(&client, &backends[0], vip, args.requests, "socket-level LB (cgroup connect/sendmsg hooks)")?;
 
-    for spec in [
-        ProbeSpec::tcp(vip).count(args.requests),
-        ProbeSpec::udp(vip).count(args.requests),
-    ] {
-        let results = client.probe(&spec)?;
-        report(&format!("{:?} {vip}", spec.proto), &results);
-    }
+    agent.stop()?;
     drop(agent);
-    node.destroy()
+    let _agent = node
+        .start_agent(AgentOpts { socket_lb: false, ..AgentOpts::default() })
+        .context("restarting ferrovia-agent with --socket-lb=false")?;
+    println!("\n== agent restarted with --socket-lb=false: the per-packet tc path translates");
+    wait_until_served(&client, vip, Duration::from_secs(15))?;
+    show_paths(&client, &backends[0], vip, args.requests, "per-packet LB (tc on the pods' host-side veths)")?;
+
+    println!("\n== cleaning up");
+    drop(_agent);
+    node.destroy()?;
+    println!("   done: namespaces, veths, pins and processes removed");
+    Ok(())
 }
 
-/// Polls the VIP until a backend answers: the agent programs the maps asynchronously.
+fn show_paths(client: &Pod, backend: &Pod, vip: SocketAddr, n: u64, path: &str) -> Result<()> {
+    println!("\n== {path}");
+    report(&format!("client -> {vip} TCP"), &client.probe(&ProbeSpec::tcp(vip).count(n))?);
+    report(&format!("client -> {vip} UDP"), &client.probe(&ProbeSpec::udp(vip).count(n))?);
+    report(
+        &format!("hairpin: {} ({}) -> its own service {vip} TCP", backend.name, backend.ip),
+        &backend.probe(&ProbeSpec::tcp(vip).count(n))?,
+    );
+    Ok(())
+}
+
+/// Polls the VIP until a backend answers: pods register asynchronously.
 fn wait_until_served(client: &Pod, vip: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -99,67 +105,20 @@ fn wait_until_served(client: &Pod, vip: SocketAddr, timeout: Duration) -> Result
 }
 
 fn report(title: &str, results: &[ProbeResult]) {
-    let mut by_server: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut by_server: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for r in results {
         match (r.server(), r.seen_from()) {
-            (Some(name), Some(seen)) => {
-                let e = by_server.entry(name.to_owned()).or_default();
-                e.0 += 1;
-                e.1 = seen.ip().to_string();
-            }
-            _ => {
-                *errors
-                    .entry(r.error.clone().unwrap_or_default())
-                    .or_default() += 1;
-            }
+            (Some(name), Some(seen)) => *by_server.entry((name.to_owned(), seen.ip().to_string())).or_default() += 1,
+            _ => *errors.entry(r.error.clone().unwrap_or_default()).or_default() += 1,
         }
     }
-    println!("\n{title}: {} requests", results.len());
-    for (name, (n, seen)) in &by_server {
-        println!("  {name:<8} answered {n:>4}   saw the client as {seen}");
+    let peer = results.iter().find_map(ProbeResult::peer_addr);
+    println!("   {title}: {} requests (client's socket shows its peer as {})", results.len(), peer.map_or("-".into(), |p| p.to_string()));
+    for ((name, seen), n) in &by_server {
+        println!("     {name:<12} answered {n:>3}   and saw the request coming from {seen}");
     }
     for (err, n) in &errors {
-        println!("  failed   {n:>4}   {err}");
+        println!("     failed       {n:>3}   {err}");
     }
-}
-
-/// A `ClusterIP` Service and its `EndpointSlice`, as Kubernetes would hold them.
-fn web_manifests(backends: &[Pod]) -> String {
-    let endpoints = backends.iter().fold(String::new(), |mut out, p| {
-        let _ = write!(
-            out,
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: default, name: {}}}\n",
-            p.ip, p.name
-        );
-        out
-    });
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  type: ClusterIP
-  clusterIP: {CLUSTER_IP}
-  selector: {{app: web}}
-  ports:
-  - {{name: tcp, protocol: TCP, port: {SERVICE_PORT}, targetPort: {TARGET_PORT}}}
-  - {{name: udp, protocol: UDP, port: {SERVICE_PORT}, targetPort: {TARGET_PORT}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: web
-addressType: IPv4
-ports:
-- {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
-- {{name: udp, protocol: UDP, port: {TARGET_PORT}}}
-endpoints:
-{endpoints}"
-    )
 }
