@@ -2,7 +2,7 @@
 //!
 //! - `setup`: installs what a fresh Debian 12 machine lacks for building and testing
 //!   (see `../shared/TOOLCHAIN.md`), idempotently.
-//! - `test [-- ARGS]`: `setup`, then the workspace's tests.
+//! - `test [-- ARGS]`: `setup`, a build of the binaries, then the workspace's tests.
 //! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
 //!
 //! All of them need root: apt, bpffs, and the tests and demo load BPF programs and create
@@ -49,6 +49,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
+            // The end-to-end suites run the agent's binaries (ferrovia-agent, ferrovia-cni),
+            // which cargo does not build for another package's tests.
+            step("cargo build (binaries)");
+            run_checked(cargo(&root).args(["build", "--bins"]))?;
             step("cargo test");
             // Plain `cargo test` at the root covers the workspace's default members, which
             // leave out the no_std BPF crate (`--workspace` would build it for the host).
