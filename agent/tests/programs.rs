@@ -1,7 +1,7 @@
 //! Program tests: each tc program is fed crafted packets through `BPF_PROG_TEST_RUN` on the
 //! real kernel, and its verdict and output packet are checked (a table of cases, one line of
 //! intent each, in the manner of Katran's and Cilium's BPF tests). Needs root and bpffs.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use etherparse::PacketBuilder;
 use ferrovia_agent::datapath::{Datapath, DatapathConfig, FrontendSpec, MapSizes, addr};
@@ -40,24 +40,33 @@ fn frontend(vip: [u8; 4], port: u16, proto: u8, backends: &[&str]) -> FrontendSp
     }
 }
 
-fn load(test: &str) -> Loaded {
-    let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let mut loaded = Loaded { dp: None, root: root.clone() };
-    let dp = Datapath::load(DatapathConfig {
-        bpffs_root: root,
-        socket_lb_cgroup: None,
-        sizes: MapSizes { conntrack: 1024, services: 1024, backends: 1024, ..MapSizes::default() },
-        prefer_tcx: true,
-    })
-    .expect("loading the data path (needs root and bpffs at /sys/fs/bpf)");
-    let dp = loaded.dp.insert(dp);
-    let (_, errors) = dp.sync_frontends(&[
+/// The frontends every test starts with: one backend per protocol, and two without endpoints.
+fn base_frontends() -> Vec<FrontendSpec> {
+    vec![
         frontend(VIP, 80, PROTO_TCP, &["10.244.1.5:9376"]),
         frontend(VIP, 53, PROTO_UDP, &["10.244.1.5:5353"]),
         frontend(DEAD_VIP, 80, PROTO_TCP, &[]),
         frontend(DEAD_VIP, 53, PROTO_UDP, &[]),
-    ]);
+    ]
+}
+
+/// Loads the data path on `root`, adopting whatever is pinned there.
+fn open(root: &std::path::Path) -> Datapath {
+    Datapath::load(DatapathConfig {
+        bpffs_root: root.to_path_buf(),
+        socket_lb_cgroup: None,
+        sizes: MapSizes { conntrack: 1024, services: 1024, backends: 1024, ..MapSizes::default() },
+        prefer_tcx: true,
+    })
+    .expect("loading the data path (needs root and bpffs at /sys/fs/bpf)")
+}
+
+fn load(test: &str) -> Loaded {
+    let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut loaded = Loaded { dp: None, root: root.clone() };
+    let dp = loaded.dp.insert(open(&root));
+    let (_, errors) = dp.sync_frontends(&base_frontends());
     assert!(errors.is_empty(), "{errors:?}");
     loaded
 }
@@ -273,4 +282,149 @@ fn hairpin_is_snatted_to_the_vip_and_bounced_back() {
     let p = parse(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, BACKEND, 40000));
     assert_eq!(counter(&t, "hairpin"), 2);
+}
+
+/// Opens a pinned hash/LRU map of a loaded data path for direct reads and writes.
+fn pinned_map<K: aya::Pod, V: aya::Pod>(t: &Loaded, name: &str) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let data = aya::maps::MapData::from_pin(t.root.join(name)).expect("pinned map");
+    let map = if name == "SERVICES" || name == "BACKENDS" { aya::maps::Map::HashMap(data) } else { aya::maps::Map::LruHashMap(data) };
+    aya::maps::HashMap::try_from(map).expect("hash map")
+}
+
+/// `CLOCK_MONOTONIC` in ns: what `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// ClientIP affinity sends a client to its recorded backend while the record is younger than
+/// the timeout, and re-balances once it is older (kube-proxy: timed from last use).
+#[test]
+fn affinity_holds_until_its_timeout_then_rebalances() {
+    use ferrovia_common::{AffinityKey, AffinityValue, FAMILY_V4, SVC_FLAG_AFFINITY, ServiceValue};
+    let mut t = load("affinity");
+    let mut spec = frontend(VIP, 8080, PROTO_TCP, &["10.244.1.5:9376", "10.244.1.6:9376"]);
+    spec.flags = SVC_FLAG_AFFINITY;
+    spec.affinity_timeout_s = 5;
+    let mut specs = base_frontends();
+    specs.push(spec.clone());
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert!(errors.is_empty(), "{errors:?}");
+    let services = pinned_map::<ServiceKey, ServiceValue>(&t, "SERVICES");
+    let service = services.get(&spec.key, 0).unwrap();
+    let slot2 = services.get(&ServiceKey { slot: 2, ..spec.key }, 0).unwrap().backend_id;
+    let mut affinity = pinned_map::<AffinityKey, AffinityValue>(&t, "AFFINITY");
+    let key = AffinityKey { client: addr::encode(CLIENT.into()).0, service_id: service.service_id, family: FAMILY_V4, _pad: [0; 3] };
+    let chosen = |t: &Loaded, sport: u16| {
+        let (_, out) = run(t, "from_pod", &tcp(CLIENT, sport, VIP, 8080, true, b""));
+        parse(&out).dst
+    };
+    // A fresh record pointing at the backend of slot 2 (10.244.1.6): every new flow goes there.
+    affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: monotonic_ns() }, 0).unwrap();
+    for sport in 20000..20040 {
+        assert_eq!(chosen(&t, sport), [10, 244, 1, 6], "affine backend while the record is fresh");
+    }
+    // The same record, last used 6 s ago (timeout 5 s): flows re-balance over both backends.
+    affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: monotonic_ns() - 6_000_000_000 }, 0).unwrap();
+    let first = chosen(&t, 30000);
+    // The expired record was replaced by the new choice, which now sticks.
+    for sport in 30001..30020 {
+        assert_eq!(chosen(&t, sport), first, "the new choice is affine in turn");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 31000..31040 {
+        affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: 0 }, 0).unwrap();
+        seen.insert(chosen(&t, sport));
+    }
+    assert_eq!(seen.len(), 2, "expired records re-balance over every backend: {seen:?}");
+}
+
+/// Every frontend in the maps as (key, backend addresses by slot, backend ids), checking the
+/// layout's invariants on the way: slots 1..=count present and nothing past them, each slot's
+/// backend present and owned by that frontend, no backend owned by nobody.
+fn installed(t: &Loaded) -> BTreeMap<ServiceKey, (Vec<SocketAddr>, Vec<u32>)> {
+    use ferrovia_common::{Backend, ServiceValue};
+    let services = pinned_map::<ServiceKey, ServiceValue>(t, "SERVICES");
+    let backends = pinned_map::<u32, Backend>(t, "BACKENDS");
+    let keys: Vec<ServiceKey> = services.keys().map(Result::unwrap).collect();
+    let mut out = BTreeMap::new();
+    let mut owned = std::collections::BTreeSet::new();
+    for key in keys.iter().filter(|k| k.slot == 0) {
+        let svc = services.get(key, 0).unwrap();
+        let (mut addrs, mut ids) = (Vec::new(), Vec::new());
+        for slot in 1..=svc.count {
+            let id = services.get(&ServiceKey { slot, ..*key }, 0).expect("slot within count").backend_id;
+            let b = backends.get(&id, 0).expect("slot points at a backend");
+            assert_eq!(b.service_id, svc.service_id, "backend owned by its frontend");
+            addrs.push(addr::decode_sock(b.addr, b.family, b.port));
+            ids.push(id);
+            owned.insert(id);
+        }
+        out.insert(*key, (addrs, ids));
+    }
+    for key in &keys {
+        let base = ServiceKey { slot: 0, ..*key };
+        assert!(out.get(&base).is_some_and(|(a, _)| usize::from(key.slot) <= a.len()), "orphan slot {key:?}");
+    }
+    for id in backends.keys().map(Result::unwrap) {
+        assert!(owned.contains(&id), "orphan backend {id}");
+    }
+    out
+}
+
+#[test]
+fn service_map_writes_keep_the_layout_and_a_reload_rewrites_nothing() {
+    let mut t = load("writer");
+    let key = frontend(VIP, 8080, PROTO_TCP, &[]).key;
+    let step = |t: &mut Loaded, backends: &[&str]| {
+        let mut specs = base_frontends();
+        specs.push(frontend(VIP, 8080, PROTO_TCP, backends));
+        let (report, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+        assert!(errors.is_empty(), "{errors:?}");
+        let now = installed(t);
+        let want: Vec<SocketAddr> = backends.iter().map(|b| b.parse().unwrap()).collect();
+        assert_eq!(now[&key].0, want, "backends of the frontend");
+        (report, now[&key].1.clone())
+    };
+    let (_, ids) = step(&mut t, &["10.244.1.5:9376", "10.244.1.6:9376", "10.244.1.7:9376"]);
+    // Scale: one leaves, one joins; the survivors keep their ids (conntrack and affinity name them).
+    let (_, ids2) = step(&mut t, &["10.244.1.5:9376", "10.244.1.7:9376", "10.244.1.8:9376"]);
+    assert_eq!((ids2[0], ids2[1]), (ids[0], ids[2]), "surviving backends keep their ids");
+    assert!(!ids.contains(&ids2[2]), "a new backend gets a new id");
+    step(&mut t, &["10.244.1.7:9376"]);
+    step(&mut t, &[]);
+    let (_, final_ids) = step(&mut t, &["10.244.1.5:9376", "10.244.1.9:9376"]);
+    let before = installed(&t);
+
+    // A restarted agent adopts the pinned maps: the same desired state rewrites nothing.
+    t.dp = None;
+    t.dp = Some(open(&t.root));
+    assert_eq!(installed(&t), before, "maps survive the reload untouched");
+    let (report, ids_after) = step(&mut t, &["10.244.1.5:9376", "10.244.1.9:9376"]);
+    assert_eq!((report.added, report.updated, report.removed), (0, 0, 0), "{report:?}");
+    assert_eq!(ids_after, final_ids);
+
+    // Removing the frontend leaves nothing of it.
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&base_frontends());
+    assert!(errors.is_empty());
+    assert!(!installed(&t).contains_key(&key));
+}
+
+#[test]
+fn a_full_map_is_reported_and_keeps_the_previous_state() {
+    let mut t = load("full");
+    // SERVICES holds 1,024 entries: 4 base frontends use 6; a frontend with 1,100 backends
+    // does not fit, and must be refused whole, leaving the others as they were.
+    let many: Vec<String> = (0..1100).map(|i| format!("10.245.{}.{}:80", i / 250, i % 250 + 1)).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut specs = base_frontends();
+    specs.push(frontend(VIP, 9999, PROTO_TCP, &many));
+    let before = installed(&t);
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let message = errors[0].to_string();
+    assert!(message.contains("10.96.0.10:9999/TCP") && message.contains("full"), "{message}");
+    assert_eq!(installed(&t), before, "nothing half-written");
 }
