@@ -48,11 +48,18 @@ pub struct Node {
 impl Node {
     /// Takes over a loaded data path, re-attaching this run's programs to the pods a
     /// previous run registered (pods whose interface is gone are forgotten).
-    pub fn new(name: String, state_dir: &Path, mut datapath: Datapath, state: Arc<ClusterState>) -> Result<Self> {
-        fs::create_dir_all(state_dir).with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    pub fn new(
+        name: String,
+        state_dir: &Path,
+        mut datapath: Datapath,
+        state: Arc<ClusterState>,
+    ) -> Result<Self> {
+        fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
         let state_file = state_dir.join("pods.json");
         let previous: Vec<PodRecord> = match fs::read(&state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", state_file.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", state_file.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
         };
@@ -67,10 +74,20 @@ impl Node {
                     pod.iface = iface;
                     pods.insert(pod.container_id.clone(), pod);
                 }
-                Err(e) => tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}")
+                }
             }
         }
-        let node = Self { name, state_file, inner: Mutex::new(Inner { datapath, pods, state }) };
+        let node = Self {
+            name,
+            state_file,
+            inner: Mutex::new(Inner {
+                datapath,
+                pods,
+                state,
+            }),
+        };
         Ok(node)
     }
 
@@ -88,7 +105,16 @@ impl Node {
 
     fn resync(inner: &mut Inner) {
         let started = Instant::now();
-        let pod_ips: PodIps = inner.pods.values().map(|p| (ObjRef::new(p.namespace.clone(), p.name.clone()), p.ips.clone())).collect();
+        let pod_ips: PodIps = inner
+            .pods
+            .values()
+            .map(|p| {
+                (
+                    ObjRef::new(p.namespace.clone(), p.name.clone()),
+                    p.ips.clone(),
+                )
+            })
+            .collect();
         let desired = model::compute(&inner.state, &pod_ips);
         let (report, errors) = inner.datapath.sync(&desired);
         for error in &errors {
@@ -127,7 +153,9 @@ impl PodRegistry for Node {
         let iface = inner
             .datapath
             .attach_pod(&pod.host_ifname, previous.as_ref())
-            .map_err(|e| ApiError::Internal(format!("pod {}/{}: {e:#}", pod.namespace, pod.name)))?;
+            .map_err(|e| {
+                ApiError::Internal(format!("pod {}/{}: {e:#}", pod.namespace, pod.name))
+            })?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ifname = %pod.host_ifname, ips = ?pod.ips, "pod registered");
         let record = PodRecord {
             container_id: pod.container_id,
@@ -159,11 +187,16 @@ impl PodRegistry for Node {
 
     async fn check(&self, container_id: &str) -> Result<(), ApiError> {
         let inner = self.inner.lock().await;
-        let record = inner.pods.get(container_id).ok_or_else(|| ApiError::NotFound(format!("container {container_id} is not registered")))?;
+        let record = inner.pods.get(container_id).ok_or_else(|| {
+            ApiError::NotFound(format!("container {container_id} is not registered"))
+        })?;
         if inner.datapath.is_attached(&record.iface) {
             Ok(())
         } else {
-            Err(ApiError::NotReady(format!("programs of {}/{} are not attached to {}", record.namespace, record.name, record.iface.ifname)))
+            Err(ApiError::NotReady(format!(
+                "programs of {}/{} are not attached to {}",
+                record.namespace, record.name, record.iface.ifname
+            )))
         }
     }
 
@@ -174,8 +207,14 @@ impl PodRegistry for Node {
             attach_point: inner.datapath.socket_lb().then(|| "cgroup".to_owned()),
         }];
         for pod in inner.pods.values() {
-            for (name, mode) in [("from_pod", pod.iface.ingress), ("to_pod", pod.iface.egress)] {
-                programs.push(ProgramState { name: name.into(), attach_point: Some(format!("{} ({mode:?})", pod.iface.ifname)) });
+            for (name, mode) in [
+                ("from_pod", pod.iface.ingress),
+                ("to_pod", pod.iface.egress),
+            ] {
+                programs.push(ProgramState {
+                    name: name.into(),
+                    attach_point: Some(format!("{} ({mode:?})", pod.iface.ifname)),
+                });
             }
         }
         AgentStatus {

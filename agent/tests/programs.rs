@@ -33,10 +33,20 @@ impl Drop for Loaded {
 fn frontend(vip: [u8; 4], port: u16, proto: u8, backends: &[&str]) -> FrontendSpec {
     let (a, family) = addr::encode(vip.into());
     FrontendSpec {
-        key: ServiceKey { addr: a, port: port.to_be(), proto, family, slot: 0, _pad: 0 },
+        key: ServiceKey {
+            addr: a,
+            port: port.to_be(),
+            proto,
+            family,
+            slot: 0,
+            _pad: 0,
+        },
         flags: 0,
         affinity_timeout_s: 0,
-        backends: backends.iter().map(|b| b.parse::<SocketAddr>().unwrap()).collect(),
+        backends: backends
+            .iter()
+            .map(|b| b.parse::<SocketAddr>().unwrap())
+            .collect(),
     }
 }
 
@@ -55,7 +65,12 @@ fn open(root: &std::path::Path) -> Datapath {
     Datapath::load(DatapathConfig {
         bpffs_root: root.to_path_buf(),
         socket_lb_cgroup: None,
-        sizes: MapSizes { conntrack: 1024, services: 1024, backends: 1024, ..MapSizes::default() },
+        sizes: MapSizes {
+            conntrack: 1024,
+            services: 1024,
+            backends: 1024,
+            ..MapSizes::default()
+        },
         prefer_tcx: true,
     })
     .expect("loading the data path (needs root and bpffs at /sys/fs/bpf)")
@@ -64,7 +79,10 @@ fn open(root: &std::path::Path) -> Datapath {
 fn load(test: &str) -> Loaded {
     let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut loaded = Loaded { dp: None, root: root.clone() };
+    let mut loaded = Loaded {
+        dp: None,
+        root: root.clone(),
+    };
     let dp = loaded.dp.insert(open(&root));
     let (_, errors) = dp.sync_frontends(&base_frontends());
     assert!(errors.is_empty(), "{errors:?}");
@@ -72,7 +90,9 @@ fn load(test: &str) -> Loaded {
 }
 
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(POD_MAC, GW_MAC).ipv4(src, dst, 64).tcp(sport, dport, 1000, 65535);
+    let b = PacketBuilder::ethernet2(POD_MAC, GW_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535);
     let b = if syn { b.syn() } else { b.ack(77) };
     let mut out = Vec::new();
     b.write(&mut out, payload).unwrap();
@@ -81,14 +101,22 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, payload: &
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(POD_MAC, GW_MAC).ipv4(src, dst, 64).udp(sport, dport).write(&mut out, payload).unwrap();
+    PacketBuilder::ethernet2(POD_MAC, GW_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .unwrap();
     out
 }
 
 /// Ones' complement sum of `data`, folded.
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from(chunk[0]) << 8 };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
         acc += u32::from(word);
     }
     while acc > 0xffff {
@@ -133,7 +161,10 @@ fn parse(packet: &[u8]) -> Seen {
         sport: u16::from_be_bytes([l4[0], l4[1]]),
         dport: u16::from_be_bytes([l4[2], l4[3]]),
         l4: l4.to_vec(),
-        macs: (packet[0..6].try_into().unwrap(), packet[6..12].try_into().unwrap()),
+        macs: (
+            packet[0..6].try_into().unwrap(),
+            packet[6..12].try_into().unwrap(),
+        ),
     }
 }
 
@@ -142,7 +173,10 @@ fn counter(t: &Loaded, name: &str) -> u64 {
 }
 
 fn run(t: &Loaded, prog: &str, packet: &[u8]) -> (i32, Vec<u8>) {
-    t.dp.as_ref().unwrap().test_run(prog, packet).expect("BPF_PROG_TEST_RUN")
+    t.dp.as_ref()
+        .unwrap()
+        .test_run(prog, packet)
+        .expect("BPF_PROG_TEST_RUN")
 }
 
 #[test]
@@ -151,9 +185,17 @@ fn tcp_to_vip_is_dnatted_and_reply_reverse_natted() {
     let (verdict, out) = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, true, b""));
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse(&out);
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (CLIENT, 40000, BACKEND, 9376), "SYN to the VIP goes to the backend");
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (CLIENT, 40000, BACKEND, 9376),
+        "SYN to the VIP goes to the backend"
+    );
     // A later packet of the same connection, with payload, follows the conntrack entry.
-    let (verdict, out) = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, false, b"GET /\n"));
+    let (verdict, out) = run(
+        &t,
+        "from_pod",
+        &tcp(CLIENT, 40000, VIP, 80, false, b"GET /\n"),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse(&out);
     assert_eq!((p.dst, p.dport), (BACKEND, 9376));
@@ -161,7 +203,11 @@ fn tcp_to_vip_is_dnatted_and_reply_reverse_natted() {
     assert_eq!(counter(&t, "xlate_new"), 1);
     assert_eq!(counter(&t, "xlate_ct"), 1);
     // The backend's reply, on its way into the client pod, is shown as coming from the VIP.
-    let (verdict, out) = run(&t, "to_pod", &tcp(BACKEND, 9376, CLIENT, 40000, false, b"pod-a\n"));
+    let (verdict, out) = run(
+        &t,
+        "to_pod",
+        &tcp(BACKEND, 9376, CLIENT, 40000, false, b"pod-a\n"),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, CLIENT, 40000));
@@ -173,7 +219,10 @@ fn udp_to_vip_is_dnatted_and_reply_reverse_natted() {
     let (verdict, out) = run(&t, "from_pod", &udp(CLIENT, 5000, VIP, 53, b"query"));
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse(&out);
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (CLIENT, 5000, BACKEND, 5353));
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (CLIENT, 5000, BACKEND, 5353)
+    );
     let (verdict, out) = run(&t, "to_pod", &udp(BACKEND, 5353, CLIENT, 5000, b"answer"));
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse(&out);
@@ -189,11 +238,31 @@ fn traffic_not_to_a_vip_is_untouched() {
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0; 28]);
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
-        ("from_pod", "pod to pod TCP", tcp(CLIENT, 40000, BACKEND, 9376, true, b"")),
-        ("from_pod", "pod to pod UDP", udp(CLIENT, 5000, BACKEND, 5353, b"x")),
-        ("from_pod", "VIP, port not in the service", tcp(CLIENT, 40000, VIP, 81, true, b"")),
-        ("from_pod", "VIP, UDP to a TCP-only port", udp(CLIENT, 5000, VIP, 80, b"x")),
-        ("to_pod", "reply of no known connection", tcp(BACKEND, 9376, CLIENT, 41000, false, b"")),
+        (
+            "from_pod",
+            "pod to pod TCP",
+            tcp(CLIENT, 40000, BACKEND, 9376, true, b""),
+        ),
+        (
+            "from_pod",
+            "pod to pod UDP",
+            udp(CLIENT, 5000, BACKEND, 5353, b"x"),
+        ),
+        (
+            "from_pod",
+            "VIP, port not in the service",
+            tcp(CLIENT, 40000, VIP, 81, true, b""),
+        ),
+        (
+            "from_pod",
+            "VIP, UDP to a TCP-only port",
+            udp(CLIENT, 5000, VIP, 80, b"x"),
+        ),
+        (
+            "to_pod",
+            "reply of no known connection",
+            tcp(BACKEND, 9376, CLIENT, 41000, false, b""),
+        ),
         ("from_pod", "ARP", arp),
     ];
     for (prog, intent, packet) in cases {
@@ -224,7 +293,10 @@ fn malformed_and_truncated_packets_pass_without_rewrite() {
         }),
         ("IHL below 5", with(&|p| p[14] = 0x44)),
         ("IP version 6 in an IPv4 frame", with(&|p| p[14] = 0x65)),
-        ("total length beyond the packet", with(&|p| p[16..18].copy_from_slice(&1500u16.to_be_bytes()))),
+        (
+            "total length beyond the packet",
+            with(&|p| p[16..18].copy_from_slice(&1500u16.to_be_bytes())),
+        ),
     ];
     for (intent, packet) in &cases {
         let (verdict, out) = run(&t, "from_pod", packet);
@@ -245,7 +317,10 @@ fn service_without_endpoints_answers_tcp_with_rst() {
     let (verdict, out) = run(&t, "from_pod", &tcp(CLIENT, 40000, DEAD_VIP, 80, true, b""));
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the pod");
     let p = parse(&out);
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (DEAD_VIP, 80, CLIENT, 40000));
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (DEAD_VIP, 80, CLIENT, 40000)
+    );
     assert_eq!(p.macs, (POD_MAC, GW_MAC), "Ethernet addresses swapped");
     assert_eq!(p.l4[13], 0x14, "RST|ACK");
     let ack = u32::from_be_bytes(p.l4[8..12].try_into().unwrap());
@@ -262,8 +337,16 @@ fn service_without_endpoints_answers_udp_with_icmp_port_unreachable() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let p = parse(&out);
     assert_eq!((p.src, p.dst, p.proto), (DEAD_VIP, CLIENT, 1));
-    assert_eq!((p.l4[0], p.l4[1]), (3, 3), "destination unreachable / port unreachable");
-    assert_eq!(&p.l4[8..36], &sent[14..42], "quotes the original IP header and 8 bytes");
+    assert_eq!(
+        (p.l4[0], p.l4[1]),
+        (3, 3),
+        "destination unreachable / port unreachable"
+    );
+    assert_eq!(
+        &p.l4[8..36],
+        &sent[14..42],
+        "quotes the original IP header and 8 bytes"
+    );
     assert_eq!(counter(&t, "reject_icmp"), 1);
 }
 
@@ -274,10 +357,22 @@ fn hairpin_is_snatted_to_the_vip_and_bounced_back() {
     let (verdict, out) = run(&t, "from_pod", &tcp(BACKEND, 40000, VIP, 80, true, b""));
     assert_eq!(verdict, TC_ACT_REDIRECT, "straight back into the pod");
     let p = parse(&out);
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 40000, BACKEND, 9376), "the pod sees the VIP as source");
-    assert_eq!(p.macs, (POD_MAC, GW_MAC), "Ethernet addresses swapped: to the pod, from its gateway");
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (VIP, 40000, BACKEND, 9376),
+        "the pod sees the VIP as source"
+    );
+    assert_eq!(
+        p.macs,
+        (POD_MAC, GW_MAC),
+        "Ethernet addresses swapped: to the pod, from its gateway"
+    );
     // Its answer (to the VIP) leaves the pod and is turned back into VIP:80 → pod:40000.
-    let (verdict, out) = run(&t, "from_pod", &tcp(BACKEND, 9376, VIP, 40000, false, b"me"));
+    let (verdict, out) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 9376, VIP, 40000, false, b"me"),
+    );
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let p = parse(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, BACKEND, 40000));
@@ -285,15 +380,25 @@ fn hairpin_is_snatted_to_the_vip_and_bounced_back() {
 }
 
 /// Opens a pinned hash/LRU map of a loaded data path for direct reads and writes.
-fn pinned_map<K: aya::Pod, V: aya::Pod>(t: &Loaded, name: &str) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+fn pinned_map<K: aya::Pod, V: aya::Pod>(
+    t: &Loaded,
+    name: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
     let data = aya::maps::MapData::from_pin(t.root.join(name)).expect("pinned map");
-    let map = if name == "SERVICES" || name == "BACKENDS" { aya::maps::Map::HashMap(data) } else { aya::maps::Map::LruHashMap(data) };
+    let map = if name == "SERVICES" || name == "BACKENDS" {
+        aya::maps::Map::HashMap(data)
+    } else {
+        aya::maps::Map::LruHashMap(data)
+    };
     aya::maps::HashMap::try_from(map).expect("hash map")
 }
 
 /// `CLOCK_MONOTONIC` in ns: what `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -305,7 +410,12 @@ fn monotonic_ns() -> u64 {
 fn affinity_holds_until_its_timeout_then_rebalances() {
     use ferrovia_common::{AffinityKey, AffinityValue, FAMILY_V4, SVC_FLAG_AFFINITY, ServiceValue};
     let mut t = load("affinity");
-    let mut spec = frontend(VIP, 8080, PROTO_TCP, &["10.244.1.5:9376", "10.244.1.6:9376"]);
+    let mut spec = frontend(
+        VIP,
+        8080,
+        PROTO_TCP,
+        &["10.244.1.5:9376", "10.244.1.6:9376"],
+    );
     spec.flags = SVC_FLAG_AFFINITY;
     spec.affinity_timeout_s = 5;
     let mut specs = base_frontends();
@@ -314,20 +424,58 @@ fn affinity_holds_until_its_timeout_then_rebalances() {
     assert!(errors.is_empty(), "{errors:?}");
     let services = pinned_map::<ServiceKey, ServiceValue>(&t, "SERVICES");
     let service = services.get(&spec.key, 0).unwrap();
-    let slot2 = services.get(&ServiceKey { slot: 2, ..spec.key }, 0).unwrap().backend_id;
+    let slot2 = services
+        .get(
+            &ServiceKey {
+                slot: 2,
+                ..spec.key
+            },
+            0,
+        )
+        .unwrap()
+        .backend_id;
     let mut affinity = pinned_map::<AffinityKey, AffinityValue>(&t, "AFFINITY");
-    let key = AffinityKey { client: addr::encode(CLIENT.into()).0, service_id: service.service_id, family: FAMILY_V4, _pad: [0; 3] };
+    let key = AffinityKey {
+        client: addr::encode(CLIENT.into()).0,
+        service_id: service.service_id,
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
     let chosen = |t: &Loaded, sport: u16| {
         let (_, out) = run(t, "from_pod", &tcp(CLIENT, sport, VIP, 8080, true, b""));
         parse(&out).dst
     };
     // A fresh record pointing at the backend of slot 2 (10.244.1.6): every new flow goes there.
-    affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: monotonic_ns() }, 0).unwrap();
+    affinity
+        .insert(
+            key,
+            AffinityValue {
+                backend_id: slot2,
+                _pad: 0,
+                last_used_ns: monotonic_ns(),
+            },
+            0,
+        )
+        .unwrap();
     for sport in 20000..20040 {
-        assert_eq!(chosen(&t, sport), [10, 244, 1, 6], "affine backend while the record is fresh");
+        assert_eq!(
+            chosen(&t, sport),
+            [10, 244, 1, 6],
+            "affine backend while the record is fresh"
+        );
     }
     // The same record, last used 6 s ago (timeout 5 s): flows re-balance over both backends.
-    affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: monotonic_ns() - 6_000_000_000 }, 0).unwrap();
+    affinity
+        .insert(
+            key,
+            AffinityValue {
+                backend_id: slot2,
+                _pad: 0,
+                last_used_ns: monotonic_ns() - 6_000_000_000,
+            },
+            0,
+        )
+        .unwrap();
     let first = chosen(&t, 30000);
     // The expired record was replaced by the new choice, which now sticks.
     for sport in 30001..30020 {
@@ -335,10 +483,24 @@ fn affinity_holds_until_its_timeout_then_rebalances() {
     }
     let mut seen = std::collections::BTreeSet::new();
     for sport in 31000..31040 {
-        affinity.insert(key, AffinityValue { backend_id: slot2, _pad: 0, last_used_ns: 0 }, 0).unwrap();
+        affinity
+            .insert(
+                key,
+                AffinityValue {
+                    backend_id: slot2,
+                    _pad: 0,
+                    last_used_ns: 0,
+                },
+                0,
+            )
+            .unwrap();
         seen.insert(chosen(&t, sport));
     }
-    assert_eq!(seen.len(), 2, "expired records re-balance over every backend: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "expired records re-balance over every backend: {seen:?}"
+    );
 }
 
 /// Every frontend in the maps as (key, backend addresses by slot, backend ids), checking the
@@ -355,9 +517,15 @@ fn installed(t: &Loaded) -> BTreeMap<ServiceKey, (Vec<SocketAddr>, Vec<u32>)> {
         let svc = services.get(key, 0).unwrap();
         let (mut addrs, mut ids) = (Vec::new(), Vec::new());
         for slot in 1..=svc.count {
-            let id = services.get(&ServiceKey { slot, ..*key }, 0).expect("slot within count").backend_id;
+            let id = services
+                .get(&ServiceKey { slot, ..*key }, 0)
+                .expect("slot within count")
+                .backend_id;
             let b = backends.get(&id, 0).expect("slot points at a backend");
-            assert_eq!(b.service_id, svc.service_id, "backend owned by its frontend");
+            assert_eq!(
+                b.service_id, svc.service_id,
+                "backend owned by its frontend"
+            );
             addrs.push(addr::decode_sock(b.addr, b.family, b.port));
             ids.push(id);
             owned.insert(id);
@@ -366,7 +534,11 @@ fn installed(t: &Loaded) -> BTreeMap<ServiceKey, (Vec<SocketAddr>, Vec<u32>)> {
     }
     for key in &keys {
         let base = ServiceKey { slot: 0, ..*key };
-        assert!(out.get(&base).is_some_and(|(a, _)| usize::from(key.slot) <= a.len()), "orphan slot {key:?}");
+        assert!(
+            out.get(&base)
+                .is_some_and(|(a, _)| usize::from(key.slot) <= a.len()),
+            "orphan slot {key:?}"
+        );
     }
     for id in backends.keys().map(Result::unwrap) {
         assert!(owned.contains(&id), "orphan backend {id}");
@@ -388,10 +560,20 @@ fn service_map_writes_keep_the_layout_and_a_reload_rewrites_nothing() {
         assert_eq!(now[&key].0, want, "backends of the frontend");
         (report, now[&key].1.clone())
     };
-    let (_, ids) = step(&mut t, &["10.244.1.5:9376", "10.244.1.6:9376", "10.244.1.7:9376"]);
+    let (_, ids) = step(
+        &mut t,
+        &["10.244.1.5:9376", "10.244.1.6:9376", "10.244.1.7:9376"],
+    );
     // Scale: one leaves, one joins; the survivors keep their ids (conntrack and affinity name them).
-    let (_, ids2) = step(&mut t, &["10.244.1.5:9376", "10.244.1.7:9376", "10.244.1.8:9376"]);
-    assert_eq!((ids2[0], ids2[1]), (ids[0], ids[2]), "surviving backends keep their ids");
+    let (_, ids2) = step(
+        &mut t,
+        &["10.244.1.5:9376", "10.244.1.7:9376", "10.244.1.8:9376"],
+    );
+    assert_eq!(
+        (ids2[0], ids2[1]),
+        (ids[0], ids[2]),
+        "surviving backends keep their ids"
+    );
     assert!(!ids.contains(&ids2[2]), "a new backend gets a new id");
     step(&mut t, &["10.244.1.7:9376"]);
     step(&mut t, &[]);
@@ -403,7 +585,11 @@ fn service_map_writes_keep_the_layout_and_a_reload_rewrites_nothing() {
     t.dp = Some(open(&t.root));
     assert_eq!(installed(&t), before, "maps survive the reload untouched");
     let (report, ids_after) = step(&mut t, &["10.244.1.5:9376", "10.244.1.9:9376"]);
-    assert_eq!((report.added, report.updated, report.removed), (0, 0, 0), "{report:?}");
+    assert_eq!(
+        (report.added, report.updated, report.removed),
+        (0, 0, 0),
+        "{report:?}"
+    );
     assert_eq!(ids_after, final_ids);
 
     // Removing the frontend leaves nothing of it.
@@ -417,7 +603,9 @@ fn a_full_map_is_reported_and_keeps_the_previous_state() {
     let mut t = load("full");
     // SERVICES holds 1,024 entries: 4 base frontends use 6; a frontend with 1,100 backends
     // does not fit, and must be refused whole, leaving the others as they were.
-    let many: Vec<String> = (0..1100).map(|i| format!("10.245.{}.{}:80", i / 250, i % 250 + 1)).collect();
+    let many: Vec<String> = (0..1100)
+        .map(|i| format!("10.245.{}.{}:80", i / 250, i % 250 + 1))
+        .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let mut specs = base_frontends();
     specs.push(frontend(VIP, 9999, PROTO_TCP, &many));
@@ -425,6 +613,9 @@ fn a_full_map_is_reported_and_keeps_the_previous_state() {
     let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
     assert_eq!(errors.len(), 1, "{errors:?}");
     let message = errors[0].to_string();
-    assert!(message.contains("10.96.0.10:9999/TCP") && message.contains("full"), "{message}");
+    assert!(
+        message.contains("10.96.0.10:9999/TCP") && message.contains("full"),
+        "{message}"
+    );
     assert_eq!(installed(&t), before, "nothing half-written");
 }

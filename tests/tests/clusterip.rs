@@ -25,11 +25,26 @@ impl Cluster {
     fn new(socket_lb: bool, yaml: &str, pods: &[&str], serve: &[(&str, &[&str])]) -> Self {
         let node = Node::new().expect("node");
         node.write_manifest("cluster.yaml", yaml).expect("manifest");
-        let agent = node.start_agent(AgentOpts { socket_lb, ..AgentOpts::default() }).expect("agent");
-        let pods: BTreeMap<String, Pod> =
-            pods.iter().map(|n| ((*n).to_owned(), node.add_pod("default", n).expect("pod"))).collect();
-        let servers = serve.iter().map(|(pod, listen)| pods[*pod].serve(listen).expect("server")).collect();
-        Self { pods, _servers: servers, _agent: agent, node }
+        let agent = node
+            .start_agent(AgentOpts {
+                socket_lb,
+                ..AgentOpts::default()
+            })
+            .expect("agent");
+        let pods: BTreeMap<String, Pod> = pods
+            .iter()
+            .map(|n| ((*n).to_owned(), node.add_pod("default", n).expect("pod")))
+            .collect();
+        let servers = serve
+            .iter()
+            .map(|(pod, listen)| pods[*pod].serve(listen).expect("server"))
+            .collect();
+        Self {
+            pods,
+            _servers: servers,
+            _agent: agent,
+            node,
+        }
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -49,7 +64,11 @@ fn vip(port: u16) -> SocketAddr {
 fn wait_served(client: &Pod, spec: &ProbeSpec) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let one = ProbeSpec { count: 1, timeout: Duration::from_millis(500), ..spec.clone() };
+        let one = ProbeSpec {
+            count: 1,
+            timeout: Duration::from_millis(500),
+            ..spec.clone()
+        };
         let r = client.probe(&one).expect("probe");
         if r.iter().all(|r| r.ok) {
             return;
@@ -64,7 +83,8 @@ fn answered_by(results: &[ProbeResult]) -> BTreeMap<String, usize> {
     let mut by = BTreeMap::new();
     for r in results {
         assert!(r.ok, "request failed: {r:?}");
-        *by.entry(r.server().expect("reply names its server").to_owned()).or_insert(0) += 1;
+        *by.entry(r.server().expect("reply names its server").to_owned())
+            .or_insert(0) += 1;
     }
     by
 }
@@ -105,7 +125,11 @@ fn spreads_over_ready_endpoints(socket_lb: bool) {
         socket_lb,
         &yaml,
         &["web-a", "web-b", "web-unready", "client"],
-        &[("web-a", listen), ("web-b", listen), ("web-unready", listen)],
+        &[
+            ("web-a", listen),
+            ("web-b", listen),
+            ("web-unready", listen),
+        ],
     );
     let client = c.pod("client");
     for spec in [ProbeSpec::tcp(vip(80)), ProbeSpec::udp(vip(53))] {
@@ -119,8 +143,16 @@ fn spreads_over_ready_endpoints(socket_lb: bool) {
             spec.proto
         );
         for r in &results {
-            assert_eq!(r.peer_addr(), Some(spec.to), "the client's socket shows the VIP: {r:?}");
-            assert_eq!(r.seen_from().map(|s| s.ip()), Some(c.ip("client")), "backend sees the client's pod IP: {r:?}");
+            assert_eq!(
+                r.peer_addr(),
+                Some(spec.to),
+                "the client's socket shows the VIP: {r:?}"
+            );
+            assert_eq!(
+                r.seen_from().map(|s| s.ip()),
+                Some(c.ip("client")),
+                "backend sees the client's pod IP: {r:?}"
+            );
         }
     }
 }
@@ -166,17 +198,31 @@ spec:
         socket_lb,
         &yaml,
         &["web-a", "web-b", "client"],
-        &[("web-a", &["tcp:8080", "udp:8080"]), ("web-b", &["tcp:9090", "udp:9090"])],
+        &[
+            ("web-a", &["tcp:8080", "udp:8080"]),
+            ("web-b", &["tcp:9090", "udp:9090"]),
+        ],
     );
     let client = c.pod("client");
     for spec in [ProbeSpec::tcp(vip(80)), ProbeSpec::udp(vip(80))] {
         wait_served(client, &spec);
         let by = answered_by(&client.probe(&spec.clone().count(40)).expect("probe"));
-        assert_eq!(by.len(), 2, "{:?}: both pods, each on its own port number: {by:?}", spec.proto);
+        assert_eq!(
+            by.len(),
+            2,
+            "{:?}: both pods, each on its own port number: {by:?}",
+            spec.proto
+        );
     }
-    let closed = client.probe(&ProbeSpec::tcp(vip(81)).count(3)).expect("probe");
+    let closed = client
+        .probe(&ProbeSpec::tcp(vip(81)).count(3))
+        .expect("probe");
     for r in &closed {
-        assert_eq!(r.error.as_deref(), Some("ECONNREFUSED"), "port 81 → 7777 where nothing listens: {r:?}");
+        assert_eq!(
+            r.error.as_deref(),
+            Some("ECONNREFUSED"),
+            "port 81 → 7777 where nothing listens: {r:?}"
+        );
     }
 }
 
@@ -228,9 +274,16 @@ spec:
     wait_served(client, &sticky);
     wait_served(client, &plain);
     let by = answered_by(&client.probe(&sticky.count(30)).expect("probe"));
-    assert_eq!(by.len(), 1, "ClientIP affinity keeps the client on one backend: {by:?}");
+    assert_eq!(
+        by.len(),
+        1,
+        "ClientIP affinity keeps the client on one backend: {by:?}"
+    );
     let by = answered_by(&client.probe(&plain.count(30)).expect("probe"));
-    assert!(by.len() > 1, "without affinity the same backends spread: {by:?}");
+    assert!(
+        by.len() > 1,
+        "without affinity the same backends spread: {by:?}"
+    );
 }
 
 #[test]
@@ -248,7 +301,12 @@ fn tc_path_honours_client_ip_affinity() {
 /// (ECONNREFUSED on a connected socket) — not a timeout into a black hole.
 fn rejects_without_endpoints(socket_lb: bool) {
     let yaml = SERVICE_TCP_UDP.to_owned() + &pod_yaml("other", "app: other", "", "");
-    let c = Cluster::new(socket_lb, &yaml, &["other", "client"], &[("other", &["tcp:9376", "udp:9376"])]);
+    let c = Cluster::new(
+        socket_lb,
+        &yaml,
+        &["other", "client"],
+        &[("other", &["tcp:9376", "udp:9376"])],
+    );
     let client = c.pod("client");
     // The agent is ready once its socket exists and the CNI ADD returned: no wait needed,
     // but allow the first sync a moment by polling for the refusal itself.
@@ -257,10 +315,17 @@ fn rejects_without_endpoints(socket_lb: bool) {
         let spec = spec.count(3).timeout(Duration::from_secs(3));
         loop {
             let results = client.probe(&spec).expect("probe");
-            if results.iter().all(|r| r.error.as_deref() == Some("ECONNREFUSED")) {
+            if results
+                .iter()
+                .all(|r| r.error.as_deref() == Some("ECONNREFUSED"))
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "{:?} to a service without endpoints: {results:?}", spec.proto);
+            assert!(
+                Instant::now() < deadline,
+                "{:?} to a service without endpoints: {results:?}",
+                spec.proto
+            );
         }
     }
 }
@@ -307,24 +372,50 @@ endpoints:
             a_term = !a_ready,
         )
     };
-    let c = Cluster::new(true, service, &["web-a", "web-b", "client"], &[("web-a", &["tcp:9376"]), ("web-b", &["tcp:9376"])]);
+    let c = Cluster::new(
+        true,
+        service,
+        &["web-a", "web-b", "client"],
+        &[("web-a", &["tcp:9376"]), ("web-b", &["tcp:9376"])],
+    );
     let (a, b) = (c.ip("web-a").to_string(), c.ip("web-b").to_string());
     let client = c.pod("client");
-    c.node.write_manifest("cluster.yaml", &(service.to_owned() + &slice(true, &b).replace("IP_A", &a))).unwrap();
+    c.node
+        .write_manifest(
+            "cluster.yaml",
+            &(service.to_owned() + &slice(true, &b).replace("IP_A", &a)),
+        )
+        .unwrap();
     wait_served(client, &ProbeSpec::tcp(vip(80)));
     let by = answered_by(&client.probe(&ProbeSpec::tcp(vip(80)).count(30)).unwrap());
-    assert_eq!(by.keys().collect::<Vec<_>>(), ["web-a"], "the ready endpoint only: {by:?}");
+    assert_eq!(
+        by.keys().collect::<Vec<_>>(),
+        ["web-a"],
+        "the ready endpoint only: {by:?}"
+    );
 
     // web-a starts terminating too: now both are serving-and-terminating, and both are used.
-    c.node.write_manifest("cluster.yaml", &(service.to_owned() + &slice(false, &b).replace("IP_A", &a))).unwrap();
+    c.node
+        .write_manifest(
+            "cluster.yaml",
+            &(service.to_owned() + &slice(false, &b).replace("IP_A", &a)),
+        )
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let by = answered_by(&client.probe(&ProbeSpec::tcp(vip(80)).count(30)).unwrap());
         if by.contains_key("web-b") {
-            assert_eq!(by.len(), 2, "fallback to every serving terminating endpoint: {by:?}");
+            assert_eq!(
+                by.len(),
+                2,
+                "fallback to every serving terminating endpoint: {by:?}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "terminating fallback never used web-b: {by:?}");
+        assert!(
+            Instant::now() < deadline,
+            "terminating fallback never used web-b: {by:?}"
+        );
     }
 }
 
@@ -334,18 +425,39 @@ endpoints:
 /// SNATed to the VIP, since a packet from its own address would be dropped as martian).
 fn hairpin(socket_lb: bool) {
     let yaml = SERVICE_TCP_UDP.to_owned() + &pod_yaml("web-a", "app: web", "", "");
-    let c = Cluster::new(socket_lb, &yaml, &["web-a"], &[("web-a", &["tcp:9376", "udp:9376"])]);
+    let c = Cluster::new(
+        socket_lb,
+        &yaml,
+        &["web-a"],
+        &[("web-a", &["tcp:9376", "udp:9376"])],
+    );
     let me = c.pod("web-a");
-    let expected_source = if socket_lb { c.ip("web-a") } else { vip(80).ip() };
+    let expected_source = if socket_lb {
+        c.ip("web-a")
+    } else {
+        vip(80).ip()
+    };
     for spec in [ProbeSpec::tcp(vip(80)), ProbeSpec::udp(vip(53))] {
         wait_served(me, &spec);
         let results = me.probe(&spec.clone().count(10)).expect("probe");
         let by = answered_by(&results);
         assert_eq!(by.keys().collect::<Vec<_>>(), ["web-a"], "{by:?}");
-        let sources: BTreeSet<IpAddr> = results.iter().filter_map(|r| r.seen_from().map(|s| s.ip())).collect();
-        assert_eq!(sources, BTreeSet::from([expected_source]), "{:?}: source the pod sees", spec.proto);
+        let sources: BTreeSet<IpAddr> = results
+            .iter()
+            .filter_map(|r| r.seen_from().map(|s| s.ip()))
+            .collect();
+        assert_eq!(
+            sources,
+            BTreeSet::from([expected_source]),
+            "{:?}: source the pod sees",
+            spec.proto
+        );
         for r in &results {
-            assert_eq!(r.peer_addr(), Some(spec.to), "the pod's socket shows the VIP: {r:?}");
+            assert_eq!(
+                r.peer_addr(),
+                Some(spec.to),
+                "the pod's socket shows the VIP: {r:?}"
+            );
         }
     }
 }
@@ -367,17 +479,26 @@ fn services_follow_the_manifests_directory() {
     let c = Cluster::new(true, "", &["web-a", "client"], &[("web-a", &["tcp:9376"])]);
     let client = c.pod("client");
     c.node
-        .write_manifest("later.yaml", &(SERVICE_TCP_UDP.replace("app: web", "app: later") + &pod_yaml("web-a", "app: later", "", "")))
+        .write_manifest(
+            "later.yaml",
+            &(SERVICE_TCP_UDP.replace("app: web", "app: later")
+                + &pod_yaml("web-a", "app: later", "", "")),
+        )
         .unwrap();
     wait_served(client, &ProbeSpec::tcp(vip(80)));
     c.node.remove_manifest("later.yaml").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = client.probe(&ProbeSpec::tcp(vip(80)).timeout(Duration::from_millis(500))).unwrap();
+        let r = client
+            .probe(&ProbeSpec::tcp(vip(80)).timeout(Duration::from_millis(500)))
+            .unwrap();
         if !r[0].ok {
             break;
         }
-        assert!(Instant::now() < deadline, "service still translated after its manifest was removed");
+        assert!(
+            Instant::now() < deadline,
+            "service still translated after its manifest was removed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

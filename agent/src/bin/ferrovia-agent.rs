@@ -60,17 +60,25 @@ fn cgroup2_root() -> Result<PathBuf> {
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|f| f.len() > 2 && f[2] == "cgroup2")
         .map(|f| PathBuf::from(f[1]))
-        .context("no cgroup2 mount found; socket-level LB needs cgroup v2 (or pass --socket-lb=false)")
+        .context(
+            "no cgroup2 mount found; socket-level LB needs cgroup v2 (or pass --socket-lb=false)",
+        )
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
 
-    let cgroup = if args.socket_lb { Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?) } else { None };
+    let cgroup = if args.socket_lb {
+        Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?)
+    } else {
+        None
+    };
     let sizes = MapSizes {
         services: args.map_services,
         backends: args.map_backends,
@@ -87,7 +95,12 @@ async fn main() -> Result<()> {
 
     let source = Arc::new(ManifestsSource::new(&args.manifests));
     let initial = source.reload();
-    let node = Arc::new(Node::new(args.node_name.clone(), &args.state_dir, datapath, initial)?);
+    let node = Arc::new(Node::new(
+        args.node_name.clone(),
+        &args.state_dir,
+        datapath,
+        initial,
+    )?);
     // The first full sync happens before the API socket exists: its presence means ready.
     node.resync_now().await;
 
@@ -100,7 +113,12 @@ async fn main() -> Result<()> {
     let server = {
         let node = Arc::clone(&node);
         let socket = args.api_socket.clone();
-        tokio::spawn(async move { api::serve(&socket, node, async { let _ = stop_rx.await; }).await })
+        tokio::spawn(async move {
+            api::serve(&socket, node, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
     };
     tracing::info!(node = %args.node_name, manifests = %args.manifests.display(), "ferrovia-agent running");
 

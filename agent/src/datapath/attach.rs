@@ -38,7 +38,11 @@ fn pinned(path: &Path) -> Result<Option<PinnedLink>> {
 }
 
 fn direction(attach: TcAttachType) -> &'static str {
-    if attach == TcAttachType::Ingress { "ingress" } else { "egress" }
+    if attach == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    }
 }
 
 /// Attaches (or atomically replaces) `prog` on `ifname`. `prefer_tcx` false forces the
@@ -76,13 +80,20 @@ pub fn attach_tc(
         }
     }
     if prefer_tcx {
-        match prog.attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+        match prog.attach_with_options(
+            ifname,
+            attach,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        ) {
             Ok(id) => {
                 let link: FdLink = prog.take_link(id)?.try_into().context("tcx link")?;
-                link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
                 return Ok(TcMode::Tcx);
             }
-            Err(e) => tracing::info!(%ifname, error = %e, "TCX attach unavailable, using clsact/cls_bpf"),
+            Err(e) => {
+                tracing::info!(%ifname, error = %e, "TCX attach unavailable, using clsact/cls_bpf")
+            }
         }
     }
     if let Err(e) = tc::qdisc_add_clsact(ifname) {
@@ -92,10 +103,17 @@ pub fn attach_tc(
         }
     }
     let id = prog
-        .attach_with_options(ifname, attach, TcAttachOptions::Netlink(NlOptions::default()))
+        .attach_with_options(
+            ifname,
+            attach,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
         .with_context(|| format!("attaching tc {} on {ifname}", direction(attach)))?;
     let link = prog.take_link(id)?;
-    let mode = TcMode::Netlink { priority: link.priority()?, handle: link.handle()?.into() };
+    let mode = TcMode::Netlink {
+        priority: link.priority()?,
+        handle: link.handle()?.into(),
+    };
     // A netlink filter stays attached after we exit only if its link is never dropped.
     std::mem::forget(link);
     Ok(mode)
@@ -108,26 +126,37 @@ pub fn detach_tc(ifname: &str, attach: TcAttachType, links_dir: &Path, mode: TcM
         let _ = link.unpin();
     }
     if let TcMode::Netlink { .. } = mode {
-        let program = if attach == TcAttachType::Ingress { "from_pod" } else { "to_pod" };
+        let program = if attach == TcAttachType::Ingress {
+            "from_pod"
+        } else {
+            "to_pod"
+        };
         let _ = tc::qdisc_detach_program(ifname, attach, program);
     }
 }
 
 /// Attaches a cgroup sock_addr program, replacing a pinned one from a previous run.
-pub fn attach_cgroup(prog: &mut CgroupSockAddr, name: &str, cgroup: &Path, links_dir: &Path) -> Result<()> {
+pub fn attach_cgroup(
+    prog: &mut CgroupSockAddr,
+    name: &str,
+    cgroup: &Path,
+    links_dir: &Path,
+) -> Result<()> {
     let pin = links_dir.join(format!("cgroup-{name}"));
     // bpffs refuses names with a dot.
     let staging = links_dir.join(format!("cgroup-{name}-new"));
     let _ = fs::remove_file(&staging);
     let old = pinned(&pin)?;
-    let cgroup_fd = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let cgroup_fd =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let id = prog
         // bpf_link_create on a cgroup wants flags 0: link attachments always coexist (the
         // kernel treats them as BPF_F_ALLOW_MULTI), which is what the swap relies on.
         .attach(&cgroup_fd, CgroupAttachMode::Single)
         .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
     let link: FdLink = prog.take_link(id)?.try_into().context("cgroup link")?;
-    link.pin(&staging).with_context(|| format!("pinning {}", staging.display()))?;
+    link.pin(&staging)
+        .with_context(|| format!("pinning {}", staging.display()))?;
     if let Some(old) = old {
         old.unpin().context("unpinning the previous cgroup link")?;
     }

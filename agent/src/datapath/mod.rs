@@ -5,11 +5,7 @@ pub mod addr;
 pub mod attach;
 pub mod services;
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, fs, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -28,9 +24,22 @@ pub use services::{FrontendSpec, SyncReport, WriteError};
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrovia"));
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 7] = ["SERVICES", "BACKENDS", "CONNTRACK", "AFFINITY", "SOCK_FWD", "SOCK_REVNAT", "COUNTERS"];
+pub const MAP_NAMES: [&str; 7] = [
+    "SERVICES",
+    "BACKENDS",
+    "CONNTRACK",
+    "AFFINITY",
+    "SOCK_FWD",
+    "SOCK_REVNAT",
+    "COUNTERS",
+];
 
-const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeer"];
+const SOCK_PROGRAMS: [&str; 4] = [
+    "sock4_connect",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock4_getpeer",
+];
 
 /// Map capacities (entries).
 #[derive(Clone, Debug)]
@@ -45,7 +54,14 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { services: 262_144, backends: 262_144, conntrack: 131_072, affinity: 65_536, sock_fwd: 65_536, sock_revnat: 131_072 }
+        Self {
+            services: 262_144,
+            backends: 262_144,
+            conntrack: 131_072,
+            affinity: 65_536,
+            sock_fwd: 65_536,
+            sock_revnat: 131_072,
+        }
     }
 }
 
@@ -98,11 +114,17 @@ impl Datapath {
     /// conntrack and services survive a restart), and attaches the socket hooks.
     pub fn load(cfg: DatapathConfig) -> Result<Self> {
         if BPF_OBJECT.is_empty() {
-            bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no BPF object; rebuild without it");
+            bail!(
+                "this binary was built with AYA_BUILD_SKIP=1 and carries no BPF object; rebuild without it"
+            );
         }
         raise_memlock();
-        fs::create_dir_all(attach::links_dir(&cfg.bpffs_root))
-            .with_context(|| format!("creating {} (is bpffs mounted at its parent?)", cfg.bpffs_root.display()))?;
+        fs::create_dir_all(attach::links_dir(&cfg.bpffs_root)).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted at its parent?)",
+                cfg.bpffs_root.display()
+            )
+        })?;
         let mut loader = EbpfLoader::new();
         for name in MAP_NAMES {
             loader.map_pin_path(name, cfg.bpffs_root.join(name));
@@ -131,14 +153,27 @@ impl Datapath {
             }
         }
 
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing"));
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing"))
+        };
         let services = HashMap::try_from(take(&mut ebpf, "SERVICES")?)?;
         let backends = HashMap::try_from(take(&mut ebpf, "BACKENDS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
-        let services = services::ServiceWriter::adopt(services, backends, cfg.sizes.services, cfg.sizes.backends)
-            .context("reading the pinned service maps")?;
+        let services = services::ServiceWriter::adopt(
+            services,
+            backends,
+            cfg.sizes.services,
+            cfg.sizes.backends,
+        )
+        .context("reading the pinned service maps")?;
         tracing::info!(frontends = services.len(), root = %cfg.bpffs_root.display(), "data path loaded");
-        Ok(Self { ebpf, cfg, services, counters })
+        Ok(Self {
+            ebpf,
+            cfg,
+            services,
+            counters,
+        })
     }
 
     /// Writes the desired frontends. Errors name the frontends left at their previous state.
@@ -162,7 +197,11 @@ impl Datapath {
             .try_into()?;
         // Room for programs that grow the packet (the ICMP reject adds 28 bytes).
         let mut out = vec![0u8; packet.len() + 128];
-        let result = prog.test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..TestRunOptions::default() })?;
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
     }
@@ -180,16 +219,30 @@ impl Datapath {
 
     /// Attaches `from_pod` / `to_pod` to a pod's host-side interface (or swaps in this
     /// run's programs where a previous run attached them).
-    pub fn attach_pod(&mut self, ifname: &str, previous: Option<&AttachedInterface>) -> Result<AttachedInterface> {
+    pub fn attach_pod(
+        &mut self,
+        ifname: &str,
+        previous: Option<&AttachedInterface>,
+    ) -> Result<AttachedInterface> {
         let links = attach::links_dir(&self.cfg.bpffs_root);
         let mut modes = [TcMode::Tcx; 2];
-        for (i, (name, dir)) in [("from_pod", TcAttachType::Ingress), ("to_pod", TcAttachType::Egress)].into_iter().enumerate() {
+        for (i, (name, dir)) in [
+            ("from_pod", TcAttachType::Ingress),
+            ("to_pod", TcAttachType::Egress),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let prev = previous.map(|p| if i == 0 { p.ingress } else { p.egress });
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
             modes[i] = attach::attach_tc(prog, ifname, dir, &links, prev, self.cfg.prefer_tcx)
                 .with_context(|| format!("attaching {name} to {ifname}"))?;
         }
-        Ok(AttachedInterface { ifname: ifname.to_owned(), ingress: modes[0], egress: modes[1] })
+        Ok(AttachedInterface {
+            ifname: ifname.to_owned(),
+            ingress: modes[0],
+            egress: modes[1],
+        })
     }
 
     /// Detaches a pod's programs; a vanished interface is not an error.
@@ -230,7 +283,8 @@ pub fn interface_exists(ifname: &str) -> bool {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).with_context(|| format!("program {name} missing from the BPF object"))
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the BPF object"))
 }
 
 /// The model's frontends as map entries. IPv6 frontends are skipped (and logged): the
@@ -249,10 +303,26 @@ pub fn frontend_specs(desired: &Desired) -> Vec<FrontendSpec> {
             Protocol::Udp => PROTO_UDP,
         };
         out.push(FrontendSpec {
-            key: ServiceKey { addr, port: key.port.to_be(), proto, family, slot: 0, _pad: 0 },
-            flags: if frontend.affinity_timeout_s.is_some() { SVC_FLAG_AFFINITY } else { 0 },
+            key: ServiceKey {
+                addr,
+                port: key.port.to_be(),
+                proto,
+                family,
+                slot: 0,
+                _pad: 0,
+            },
+            flags: if frontend.affinity_timeout_s.is_some() {
+                SVC_FLAG_AFFINITY
+            } else {
+                0
+            },
             affinity_timeout_s: frontend.affinity_timeout_s.unwrap_or(0),
-            backends: frontend.backends.iter().filter(|b| b.is_ipv4()).copied().collect(),
+            backends: frontend
+                .backends
+                .iter()
+                .filter(|b| b.is_ipv4())
+                .copied()
+                .collect(),
         });
     }
     out
@@ -261,7 +331,10 @@ pub fn frontend_specs(desired: &Desired) -> Vec<FrontendSpec> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it fails without
 /// CAP_SYS_RESOURCE, which is harmless on newer kernels (memcg accounting): not fatal.
 fn raise_memlock() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");

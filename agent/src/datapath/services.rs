@@ -37,10 +37,21 @@ struct Installed {
 
 #[derive(Debug, Error)]
 pub enum WriteError {
-    #[error("frontend {frontend}: {map} map is full ({needed} more entries needed, capacity {capacity}); raise its size")]
-    Full { frontend: String, map: &'static str, needed: usize, capacity: u32 },
+    #[error(
+        "frontend {frontend}: {map} map is full ({needed} more entries needed, capacity {capacity}); raise its size"
+    )]
+    Full {
+        frontend: String,
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("frontend {frontend}: writing the {map} map: {source}")]
-    Map { frontend: String, map: &'static str, source: MapError },
+    Map {
+        frontend: String,
+        map: &'static str,
+        source: MapError,
+    },
     #[error("frontend {frontend}: more than {max} backends", max = u16::MAX)]
     TooManyBackends { frontend: String },
 }
@@ -72,7 +83,10 @@ pub fn describe(key: &ServiceKey) -> String {
         ferrovia_common::PROTO_UDP => "UDP",
         _ => "?",
     };
-    format!("{}/{proto}", addr::decode_sock(key.addr, key.family, key.port))
+    format!(
+        "{}/{proto}",
+        addr::decode_sock(key.addr, key.family, key.port)
+    )
 }
 
 impl ServiceWriter {
@@ -99,9 +113,15 @@ impl ServiceWriter {
             let service = writer.services.get(key, 0)?;
             let mut slots = Vec::with_capacity(usize::from(service.count));
             for slot in 1..=service.count {
-                let id = writer.services.get(&ServiceKey { slot, ..*key }, 0)?.backend_id;
+                let id = writer
+                    .services
+                    .get(&ServiceKey { slot, ..*key }, 0)?
+                    .backend_id;
                 let backend = writer.backends.get(&id, 0)?;
-                slots.push((id, addr::decode_sock(backend.addr, backend.family, backend.port)));
+                slots.push((
+                    id,
+                    addr::decode_sock(backend.addr, backend.family, backend.port),
+                ));
                 referenced.insert(id);
             }
             writer.next_service_id = writer.next_service_id.max(service.service_id + 1);
@@ -109,7 +129,10 @@ impl ServiceWriter {
         }
         for key in &keys {
             let base = ServiceKey { slot: 0, ..*key };
-            let keep = writer.installed.get(&base).is_some_and(|i| usize::from(key.slot) <= i.slots.len());
+            let keep = writer
+                .installed
+                .get(&base)
+                .is_some_and(|i| usize::from(key.slot) <= i.slots.len());
             if !keep {
                 writer.services.remove(key)?;
             }
@@ -149,7 +172,12 @@ impl ServiceWriter {
         let mut report = SyncReport::default();
         let mut errors = Vec::new();
         let wanted: BTreeSet<ServiceKey> = desired.iter().map(|f| f.key).collect();
-        let stale: Vec<ServiceKey> = self.installed.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let stale: Vec<ServiceKey> = self
+            .installed
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
         for key in stale {
             match self.remove(&key) {
                 Ok(()) => report.removed += 1,
@@ -175,22 +203,42 @@ impl ServiceWriter {
     /// Applies one frontend. `Some(true)`: added, `Some(false)`: updated, `None`: unchanged.
     fn apply(&mut self, spec: &FrontendSpec) -> Result<Option<bool>, WriteError> {
         let name = || describe(&spec.key);
-        let count = u16::try_from(spec.backends.len()).map_err(|_| WriteError::TooManyBackends { frontend: name() })?;
+        let count = u16::try_from(spec.backends.len())
+            .map_err(|_| WriteError::TooManyBackends { frontend: name() })?;
         let old = self.installed.get(&spec.key).cloned();
         let old_slots = old.as_ref().map(|i| i.slots.clone()).unwrap_or_default();
-        let by_addr: BTreeMap<SocketAddr, u32> = old_slots.iter().map(|(id, a)| (*a, *id)).collect();
+        let by_addr: BTreeMap<SocketAddr, u32> =
+            old_slots.iter().map(|(id, a)| (*a, *id)).collect();
 
-        let fresh: Vec<SocketAddr> = spec.backends.iter().filter(|a| !by_addr.contains_key(a)).copied().collect();
+        let fresh: Vec<SocketAddr> = spec
+            .backends
+            .iter()
+            .filter(|a| !by_addr.contains_key(a))
+            .copied()
+            .collect();
         let (used_svc, used_be) = self.entries();
-        let svc_needed = (1 + spec.backends.len()).saturating_sub(old.as_ref().map_or(0, |i| 1 + i.slots.len()));
+        let svc_needed =
+            (1 + spec.backends.len()).saturating_sub(old.as_ref().map_or(0, |i| 1 + i.slots.len()));
         if used_svc + svc_needed > self.services_capacity as usize {
-            return Err(WriteError::Full { frontend: name(), map: "SERVICES", needed: svc_needed, capacity: self.services_capacity });
+            return Err(WriteError::Full {
+                frontend: name(),
+                map: "SERVICES",
+                needed: svc_needed,
+                capacity: self.services_capacity,
+            });
         }
         if used_be + fresh.len() > self.backends_capacity as usize {
-            return Err(WriteError::Full { frontend: name(), map: "BACKENDS", needed: fresh.len(), capacity: self.backends_capacity });
+            return Err(WriteError::Full {
+                frontend: name(),
+                map: "BACKENDS",
+                needed: fresh.len(),
+                capacity: self.backends_capacity,
+            });
         }
 
-        let service_id = old.as_ref().map_or(self.next_service_id, |i| i.service.service_id);
+        let service_id = old
+            .as_ref()
+            .map_or(self.next_service_id, |i| i.service.service_id);
         let service = ServiceValue {
             backend_id: 0,
             count,
@@ -217,43 +265,83 @@ impl ServiceWriter {
             self.next_service_id += 1;
         }
 
-        let map_err = |map: &'static str| move |source| WriteError::Map { frontend: describe(&spec.key), map, source };
+        let map_err = |map: &'static str| {
+            move |source| WriteError::Map {
+                frontend: describe(&spec.key),
+                map,
+                source,
+            }
+        };
         // 1. Backends new to this frontend.
-        for (id, a) in new.slots.iter().filter(|(id, _)| !old_slots.iter().any(|(o, _)| o == id)) {
+        for (id, a) in new
+            .slots
+            .iter()
+            .filter(|(id, _)| !old_slots.iter().any(|(o, _)| o == id))
+        {
             let (addr, family) = addr::encode(a.ip());
-            let backend = Backend { addr, port: a.port().to_be(), proto: spec.key.proto, family, service_id };
-            self.backends.insert(id, backend, 0).map_err(map_err("BACKENDS"))?;
+            let backend = Backend {
+                addr,
+                port: a.port().to_be(),
+                proto: spec.key.proto,
+                family,
+                service_id,
+            };
+            self.backends
+                .insert(id, backend, 0)
+                .map_err(map_err("BACKENDS"))?;
         }
         // 2. Slots whose backend changes (the ones past the old count are not visible yet).
         for (i, (id, _)) in new.slots.iter().enumerate() {
             if old_slots.get(i).map(|(o, _)| o) != Some(id) {
                 let slot = u16::try_from(i + 1).expect("count checked above");
-                let value = ServiceValue { backend_id: *id, ..ServiceValue::default() };
-                self.services.insert(ServiceKey { slot, ..spec.key }, value, 0).map_err(map_err("SERVICES"))?;
+                let value = ServiceValue {
+                    backend_id: *id,
+                    ..ServiceValue::default()
+                };
+                self.services
+                    .insert(ServiceKey { slot, ..spec.key }, value, 0)
+                    .map_err(map_err("SERVICES"))?;
             }
         }
         // 3. Slot 0: from here on the data path uses the new set.
-        self.services.insert(spec.key, service, 0).map_err(map_err("SERVICES"))?;
+        self.services
+            .insert(spec.key, service, 0)
+            .map_err(map_err("SERVICES"))?;
         self.installed.insert(spec.key, new.clone());
         // 4. Slots and backends no longer referenced.
         for slot in new.slots.len() + 1..=old_slots.len() {
             let slot = u16::try_from(slot).expect("old count fits u16");
-            self.services.remove(&ServiceKey { slot, ..spec.key }).map_err(map_err("SERVICES"))?;
+            self.services
+                .remove(&ServiceKey { slot, ..spec.key })
+                .map_err(map_err("SERVICES"))?;
         }
-        for (id, _) in old_slots.iter().filter(|(id, _)| !new.slots.iter().any(|(n, _)| n == id)) {
+        for (id, _) in old_slots
+            .iter()
+            .filter(|(id, _)| !new.slots.iter().any(|(n, _)| n == id))
+        {
             self.backends.remove(id).map_err(map_err("BACKENDS"))?;
         }
         Ok(Some(old.is_none()))
     }
 
     fn remove(&mut self, key: &ServiceKey) -> Result<(), WriteError> {
-        let Some(old) = self.installed.get(key).cloned() else { return Ok(()) };
-        let map_err = |map: &'static str| move |source| WriteError::Map { frontend: describe(key), map, source };
+        let Some(old) = self.installed.get(key).cloned() else {
+            return Ok(());
+        };
+        let map_err = |map: &'static str| {
+            move |source| WriteError::Map {
+                frontend: describe(key),
+                map,
+                source,
+            }
+        };
         self.services.remove(key).map_err(map_err("SERVICES"))?;
         self.installed.remove(key);
         for slot in 1..=old.slots.len() {
             let slot = u16::try_from(slot).expect("count fits u16");
-            self.services.remove(&ServiceKey { slot, ..*key }).map_err(map_err("SERVICES"))?;
+            self.services
+                .remove(&ServiceKey { slot, ..*key })
+                .map_err(map_err("SERVICES"))?;
         }
         for (id, _) in &old.slots {
             self.backends.remove(id).map_err(map_err("BACKENDS"))?;
@@ -267,7 +355,10 @@ impl ServiceWriter {
             let service = self.services.get(key, 0)?;
             let mut slots = Vec::new();
             for slot in 1..=service.count {
-                let id = self.services.get(&ServiceKey { slot, ..*key }, 0)?.backend_id;
+                let id = self
+                    .services
+                    .get(&ServiceKey { slot, ..*key }, 0)?
+                    .backend_id;
                 let b = self.backends.get(&id, 0)?;
                 slots.push((id, addr::decode_sock(b.addr, b.family, b.port)));
             }

@@ -96,7 +96,8 @@ fn add_service(
             // kube-proxy consumes every EndpointSlice labelled with the service's name,
             // whoever wrote it; for a service with a selector, ferrovia (in manifests mode)
             // also plays the EndpointSlice controller and derives endpoints from the pods.
-            let mut candidates = endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4());
+            let mut candidates =
+                endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4());
             if has_selector {
                 candidates.extend(endpoints::from_pods(
                     state,

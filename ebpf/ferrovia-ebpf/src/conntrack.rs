@@ -2,13 +2,16 @@
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use ferrovia_common::{
     AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_TIMEOUT_CLOSING_NS,
-    CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4, PROTO_TCP, ServiceKey, counter,
+    CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4, PROTO_TCP, ServiceKey,
+    counter,
 };
 
 use crate::{
     lb::{live_backend, lookup_service, select_backend},
     maps::{CONNTRACK, count},
-    packet::{IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_FIN, TCP_RST, bounce, set_addr, set_port},
+    packet::{
+        IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_FIN, TCP_RST, bounce, set_addr, set_port,
+    },
     reject,
 };
 
@@ -66,7 +69,12 @@ fn xlate_out(ctx: &mut TcContext, pkt: &Ipv4Packet, entry: &CtValue) -> Result<i
 /// Backend → client, translated back: source to the VIP and service port, destination to
 /// the original client address.
 #[inline(always)]
-fn xlate_in(ctx: &mut TcContext, pkt: &Ipv4Packet, entry: &CtValue, bounce_hairpin: bool) -> Result<i32, i64> {
+fn xlate_in(
+    ctx: &mut TcContext,
+    pkt: &Ipv4Packet,
+    entry: &CtValue,
+    bounce_hairpin: bool,
+) -> Result<i32, i64> {
     set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, entry.xlate_addr[0])?;
     set_port(ctx, pkt, 0, pkt.sport, entry.xlate_port)?;
     set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.peer_addr[0])?;
@@ -79,7 +87,11 @@ fn xlate_in(ctx: &mut TcContext, pkt: &Ipv4Packet, entry: &CtValue, bounce_hairp
 
 /// A reply of a translated connection, in either hook: reverse NAT when the tuple is known.
 #[inline(always)]
-pub fn reply(ctx: &mut TcContext, pkt: &Ipv4Packet, bounce_hairpin: bool) -> Option<Result<i32, i64>> {
+pub fn reply(
+    ctx: &mut TcContext,
+    pkt: &Ipv4Packet,
+    bounce_hairpin: bool,
+) -> Option<Result<i32, i64>> {
     // SAFETY: helper without side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let entry = CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_DIR_IN))?;
@@ -105,7 +117,10 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         // UDP has no end: a flow whose backend is gone is re-balanced rather than sent on
         // into the void (the stale-UDP-conntrack problem). TCP keeps its backend until the
         // connection ends, so a terminating pod can finish its work.
-        if alive(entry, pkt, now) && (pkt.proto == PROTO_TCP || live_backend(entry.backend_id, entry.service_id).is_some()) {
+        if alive(entry, pkt, now)
+            && (pkt.proto == PROTO_TCP
+                || live_backend(entry.backend_id, entry.service_id).is_some())
+        {
             count(counter::XLATE_CT);
             return xlate_out(ctx, pkt, entry);
         }
@@ -124,7 +139,12 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
     let Some(service) = lookup_service(&frontend) else {
         return Ok(TC_ACT_OK);
     };
-    let client = AffinityKey { client: pkt.src(), service_id: service.service_id, family: FAMILY_V4, _pad: [0; 3] };
+    let client = AffinityKey {
+        client: pkt.src(),
+        service_id: service.service_id,
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
     let Some((backend_id, backend)) = select_backend(&frontend, &service, &client) else {
         return reject::no_endpoints(ctx, pkt);
     };
@@ -161,7 +181,9 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         xlate_port: backend.port,
         ..in_value
     };
-    if CONNTRACK.insert(&in_key, &in_value, 0).is_err() || CONNTRACK.insert(&out_key, &out_value, 0).is_err() {
+    if CONNTRACK.insert(&in_key, &in_value, 0).is_err()
+        || CONNTRACK.insert(&out_key, &out_value, 0).is_err()
+    {
         count(counter::DROP_CT_FULL);
         return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
     }

@@ -1,6 +1,8 @@
 //! Backend selection, shared by the socket hooks and the per-packet path.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use ferrovia_common::{AffinityKey, AffinityValue, Backend, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue};
+use ferrovia_common::{
+    AffinityKey, AffinityValue, Backend, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+};
 
 use crate::maps::{AFFINITY, BACKENDS, SERVICES};
 
@@ -52,7 +54,11 @@ pub fn select_backend(
     let id = unsafe { SERVICES.get(&slot_key) }?.backend_id;
     let backend = live_backend(id, service.service_id)?;
     if affinity {
-        let value = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
+        let value = AffinityValue {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
         // Best effort: LRU insert only fails on memory pressure; selection still stands.
         let _ = AFFINITY.insert(client, &value, 0);
     }

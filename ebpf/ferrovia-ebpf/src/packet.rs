@@ -53,7 +53,11 @@ impl Ipv4Packet {
     #[inline(always)]
     fn l4_csum_flags(&self) -> u64 {
         // A zero UDP checksum means "none" and must stay zero.
-        if self.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 } else { 0 }
+        if self.proto == PROTO_UDP {
+            BPF_F_MARK_MANGLED_0
+        } else {
+            0
+        }
     }
 }
 
@@ -77,7 +81,9 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
     if ver_ihl >> 4 != 4 || ihl_len < 20 {
         return Err(Skip::Malformed);
     }
-    let tot_len = usize::from(u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| Skip::Malformed)?));
+    let tot_len = usize::from(u16::from_be(
+        ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| Skip::Malformed)?,
+    ));
     let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| Skip::Malformed)?);
     let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Skip::Malformed)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -92,7 +98,11 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = ETH_HLEN + ihl_len;
-    let tcp_flags = if proto == PROTO_TCP { ctx.load::<u8>(l4_off + 13).map_err(|_| Skip::Malformed)? } else { 0 };
+    let tcp_flags = if proto == PROTO_TCP {
+        ctx.load::<u8>(l4_off + 13).map_err(|_| Skip::Malformed)?
+    } else {
+        0
+    };
     Ok(Ipv4Packet {
         ihl_len,
         l4_off,
@@ -117,22 +127,44 @@ pub fn count_skip(skip: &Skip) {
 
 /// Rewrites one IPv4 address (at `off`) and fixes the IP and L4 (pseudo-header) checksums.
 #[inline(always)]
-pub fn set_addr(ctx: &mut TcContext, pkt: &Ipv4Packet, off: usize, old: u32, new: u32) -> Result<(), i64> {
+pub fn set_addr(
+    ctx: &mut TcContext,
+    pkt: &Ipv4Packet,
+    off: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), i64> {
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(pkt.l4_csum_off(), u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | pkt.l4_csum_flags() | 4)?;
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off(),
+        u64::from(old),
+        u64::from(new),
+        BPF_F_PSEUDO_HDR | pkt.l4_csum_flags() | 4,
+    )?;
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)?;
     ctx.store(off, &new, 0)
 }
 
 /// Rewrites one L4 port (`off` 0 = source, 2 = destination) and fixes the L4 checksum.
 #[inline(always)]
-pub fn set_port(ctx: &mut TcContext, pkt: &Ipv4Packet, off: usize, old: u16, new: u16) -> Result<(), i64> {
+pub fn set_port(
+    ctx: &mut TcContext,
+    pkt: &Ipv4Packet,
+    off: usize,
+    old: u16,
+    new: u16,
+) -> Result<(), i64> {
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(pkt.l4_csum_off(), u64::from(old), u64::from(new), pkt.l4_csum_flags() | 2)?;
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off(),
+        u64::from(old),
+        u64::from(new),
+        pkt.l4_csum_flags() | 2,
+    )?;
     ctx.store(pkt.l4_off + off, &new, 0)
 }
 

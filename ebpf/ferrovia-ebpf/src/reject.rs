@@ -144,7 +144,13 @@ fn icmp_port_unreachable(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i
     head[0..12].copy_from_slice(&macs);
     put16(&mut head, 12, crate::packet::ETH_P_IP);
     let mut ip = [0u8; 20];
-    ipv4_header(&mut ip, IPPROTO_ICMP, (20 + 8 + QUOTE) as u16, pkt.daddr, pkt.saddr);
+    ipv4_header(
+        &mut ip,
+        IPPROTO_ICMP,
+        (20 + 8 + QUOTE) as u16,
+        pkt.daddr,
+        pkt.saddr,
+    );
     head[ETH_HLEN..ETH_HLEN + 20].copy_from_slice(&ip);
     head[ETH_HLEN + 20..].copy_from_slice(&icmp[0..8]);
     ctx.store(0, &head, 0)?;

@@ -45,13 +45,21 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: helpers valid for sock_addr programs (cookie: 4.12+, netns cookie: 5.7+).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let fwd_key = SockKey { cookie, addr: frontend.addr, port: frontend.port, proto, family: FAMILY_V4, _pad: 0 };
+    let fwd_key = SockKey {
+        cookie,
+        addr: frontend.addr,
+        port: frontend.port,
+        proto,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
     let sticky = proto == PROTO_UDP;
     let mut chosen = None;
     if sticky {
         // SAFETY: value copied out at once.
         if let Some(prev) = unsafe { SOCK_FWD.get(&fwd_key).copied() } {
-            chosen = live_backend(prev.backend_id, service.service_id).map(|b| (prev.backend_id, b));
+            chosen =
+                live_backend(prev.backend_id, service.service_id).map(|b| (prev.backend_id, b));
         }
     }
     if chosen.is_none() {
@@ -74,11 +82,26 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
         return DENY;
     };
     if sticky {
-        let value = SockFwdValue { backend_id, service_id: service.service_id };
+        let value = SockFwdValue {
+            backend_id,
+            service_id: service.service_id,
+        };
         let _ = SOCK_FWD.insert(&fwd_key, &value, 0);
     }
-    let rev_key = SockKey { cookie, addr: backend.addr, port: backend.port, proto, family: FAMILY_V4, _pad: 0 };
-    let rev = SockRevNatValue { addr: frontend.addr, port: frontend.port, _pad: 0, service_id: service.service_id };
+    let rev_key = SockKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        proto,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    let rev = SockRevNatValue {
+        addr: frontend.addr,
+        port: frontend.port,
+        _pad: 0,
+        service_id: service.service_id,
+    };
     // Best effort: without it only getpeername/recvmsg would show the backend's address.
     let _ = SOCK_REVNAT.insert(&rev_key, &rev, 0);
     sa.user_ip4 = backend.addr[0];
@@ -94,7 +117,14 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockKey { cookie, addr: [sa.user_ip4, 0, 0, 0], port: sa.user_port as u16, proto, family: FAMILY_V4, _pad: 0 };
+    let key = SockKey {
+        cookie,
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: sa.user_port as u16,
+        proto,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
     // SAFETY: value copied out at once.
     if let Some(vip) = unsafe { SOCK_REVNAT.get(&key).copied() } {
         sa.user_ip4 = vip.addr[0];

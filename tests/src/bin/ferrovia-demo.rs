@@ -34,14 +34,25 @@ fn main() -> Result<()> {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let node = Node::new().context("creating the node")?;
     println!("== node {} (pod subnet {})", node.name(), node.pod_subnet());
-    for entry in std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))? {
+    for entry in
+        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
+    {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         node.write_manifest(&name, &std::fs::read_to_string(&path)?)?;
         println!("   manifests: {}", path.display());
     }
-    let mut agent = node.start_agent(AgentOpts::default()).context("starting ferrovia-agent")?;
-    println!("== ferrovia-agent running, socket-level LB on (log: {}/agent.log)", node.dir().display());
+    let mut agent = node
+        .start_agent(AgentOpts::default())
+        .context("starting ferrovia-agent")?;
+    println!(
+        "== ferrovia-agent running, socket-level LB on (log: {}/agent.log)",
+        node.dir().display()
+    );
 
     // Pods are created through the real CNI chain (ptp + host-local, then ferrovia-cni),
     // named as in the manifests so the agent can match their registered IPs.
@@ -55,21 +66,39 @@ fn main() -> Result<()> {
         .map(|p| p.serve(&[&format!("tcp:{TARGET_PORT}"), &format!("udp:{TARGET_PORT}")]))
         .collect::<Result<Vec<_>>>()?;
     for p in backends.iter().chain([&client]) {
-        println!("   pod default/{:<12} {:<15} host side {}", p.name, p.ip, p.host_ifname);
+        println!(
+            "   pod default/{:<12} {:<15} host side {}",
+            p.name, p.ip, p.host_ifname
+        );
     }
 
     let vip = SocketAddr::from((CLUSTER_IP, SERVICE_PORT));
     wait_until_served(&client, vip, Duration::from_secs(15))?;
-    show_paths(&client, &backends[0], vip, args.requests, "socket-level LB (cgroup connect/sendmsg hooks)")?;
+    show_paths(
+        &client,
+        &backends[0],
+        vip,
+        args.requests,
+        "socket-level LB (cgroup connect/sendmsg hooks)",
+    )?;
 
     agent.stop()?;
     drop(agent);
     let _agent = node
-        .start_agent(AgentOpts { socket_lb: false, ..AgentOpts::default() })
+        .start_agent(AgentOpts {
+            socket_lb: false,
+            ..AgentOpts::default()
+        })
         .context("restarting ferrovia-agent with --socket-lb=false")?;
     println!("\n== agent restarted with --socket-lb=false: the per-packet tc path translates");
     wait_until_served(&client, vip, Duration::from_secs(15))?;
-    show_paths(&client, &backends[0], vip, args.requests, "per-packet LB (tc on the pods' host-side veths)")?;
+    show_paths(
+        &client,
+        &backends[0],
+        vip,
+        args.requests,
+        "per-packet LB (tc on the pods' host-side veths)",
+    )?;
 
     println!("\n== cleaning up");
     drop(_agent);
@@ -80,10 +109,19 @@ fn main() -> Result<()> {
 
 fn show_paths(client: &Pod, backend: &Pod, vip: SocketAddr, n: u64, path: &str) -> Result<()> {
     println!("\n== {path}");
-    report(&format!("client -> {vip} TCP"), &client.probe(&ProbeSpec::tcp(vip).count(n))?);
-    report(&format!("client -> {vip} UDP"), &client.probe(&ProbeSpec::udp(vip).count(n))?);
     report(
-        &format!("hairpin: {} ({}) -> its own service {vip} TCP", backend.name, backend.ip),
+        &format!("client -> {vip} TCP"),
+        &client.probe(&ProbeSpec::tcp(vip).count(n))?,
+    );
+    report(
+        &format!("client -> {vip} UDP"),
+        &client.probe(&ProbeSpec::udp(vip).count(n))?,
+    );
+    report(
+        &format!(
+            "hairpin: {} ({}) -> its own service {vip} TCP",
+            backend.name, backend.ip
+        ),
         &backend.probe(&ProbeSpec::tcp(vip).count(n))?,
     );
     Ok(())
@@ -109,12 +147,24 @@ fn report(title: &str, results: &[ProbeResult]) {
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for r in results {
         match (r.server(), r.seen_from()) {
-            (Some(name), Some(seen)) => *by_server.entry((name.to_owned(), seen.ip().to_string())).or_default() += 1,
-            _ => *errors.entry(r.error.clone().unwrap_or_default()).or_default() += 1,
+            (Some(name), Some(seen)) => {
+                *by_server
+                    .entry((name.to_owned(), seen.ip().to_string()))
+                    .or_default() += 1
+            }
+            _ => {
+                *errors
+                    .entry(r.error.clone().unwrap_or_default())
+                    .or_default() += 1
+            }
         }
     }
     let peer = results.iter().find_map(ProbeResult::peer_addr);
-    println!("   {title}: {} requests (client's socket shows its peer as {})", results.len(), peer.map_or("-".into(), |p| p.to_string()));
+    println!(
+        "   {title}: {} requests (client's socket shows its peer as {})",
+        results.len(),
+        peer.map_or("-".into(), |p| p.to_string())
+    );
     for ((name, seen), n) in &by_server {
         println!("     {name:<12} answered {n:>3}   and saw the request coming from {seen}");
     }
