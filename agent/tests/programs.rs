@@ -619,3 +619,25 @@ fn a_full_map_is_reported_and_keeps_the_previous_state() {
     );
     assert_eq!(installed(&t), before, "nothing half-written");
 }
+
+/// When a backend leaves: an established TCP connection keeps it (a terminating pod finishes
+/// its work), a new SYN on the same tuple is re-balanced, and a UDP flow moves at once to a
+/// live backend instead of being sent into the void (stale UDP conntrack).
+#[test]
+fn flows_of_a_removed_backend() {
+    let mut t = load("removed");
+    run(&t, "from_pod", &tcp(CLIENT, 41000, VIP, 80, true, b""));
+    run(&t, "from_pod", &udp(CLIENT, 5001, VIP, 53, b"q"));
+    let mut specs = base_frontends();
+    specs[0] = frontend(VIP, 80, PROTO_TCP, &["10.244.1.6:9376"]);
+    specs[1] = frontend(VIP, 53, PROTO_UDP, &["10.244.1.6:5353"]);
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    let (_, out) = run(&t, "from_pod", &tcp(CLIENT, 41000, VIP, 80, false, b"more"));
+    assert_eq!(parse(&out).dst, BACKEND, "established TCP stays on its backend");
+    let (_, out) = run(&t, "from_pod", &tcp(CLIENT, 41000, VIP, 80, true, b""));
+    assert_eq!(parse(&out).dst, [10, 244, 1, 6], "a new SYN on the reused tuple is re-balanced");
+    let (_, out) = run(&t, "from_pod", &udp(CLIENT, 5001, VIP, 53, b"q"));
+    assert_eq!(parse(&out).dst, [10, 244, 1, 6], "the UDP flow moves to a live backend");
+}

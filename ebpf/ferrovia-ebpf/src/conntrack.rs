@@ -10,7 +10,8 @@ use crate::{
     lb::{live_backend, lookup_service, select_backend},
     maps::{CONNTRACK, count},
     packet::{
-        IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_FIN, TCP_RST, bounce, set_addr, set_port,
+        IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce, set_addr,
+        set_port,
     },
     reject,
 };
@@ -115,11 +116,13 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         // SAFETY: valid map value; racing writers only touch age and flags.
         let entry = unsafe { &mut *entry };
         // UDP has no end: a flow whose backend is gone is re-balanced rather than sent on
-        // into the void (the stale-UDP-conntrack problem). TCP keeps its backend until the
-        // connection ends, so a terminating pod can finish its work.
+        // into the void (the stale-UDP-conntrack problem). An established TCP connection keeps
+        // its backend until it ends, so a terminating pod can finish its work; but a new SYN
+        // on a reused tuple is a new connection and must not go to a backend that left.
+        let new_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let keeps_backend = pkt.proto == PROTO_TCP && !new_syn;
         if alive(entry, pkt, now)
-            && (pkt.proto == PROTO_TCP
-                || live_backend(entry.backend_id, entry.service_id).is_some())
+            && (keeps_backend || live_backend(entry.backend_id, entry.service_id).is_some())
         {
             count(counter::XLATE_CT);
             return xlate_out(ctx, pkt, entry);

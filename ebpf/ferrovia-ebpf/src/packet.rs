@@ -19,6 +19,7 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the data path needs of an IPv4 TCP/UDP packet. Addresses and ports are kept as the
 /// raw network-order words read from the packet, the same encoding the maps use.

@@ -10,11 +10,10 @@ use ferrovia_common::{PROTO_TCP, counter};
 
 use crate::{
     maps::count,
-    packet::{ETH_HLEN, Ipv4Packet, TCP_FIN, TCP_RST, TCP_SYN, bounce},
+    packet::{ETH_HLEN, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce},
 };
 
 const IPPROTO_ICMP: u8 = 1;
-const TCP_ACK: u8 = 0x10;
 
 /// Internet checksum of `len` bytes (a multiple of 4) at `buf`, plus a 32-bit `seed`.
 #[inline(always)]
