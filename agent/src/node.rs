@@ -75,7 +75,7 @@ impl Node {
                     pods.insert(pod.container_id.clone(), pod);
                 }
                 Err(e) => {
-                    tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}")
+                    tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}");
                 }
             }
         }

@@ -404,7 +404,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// ClientIP affinity sends a client to its recorded backend while the record is younger than
+/// `ClientIP` affinity sends a client to its recorded backend while the record is younger than
 /// the timeout, and re-balances once it is older (kube-proxy: timed from last use).
 #[test]
 fn affinity_holds_until_its_timeout_then_rebalances() {
@@ -635,9 +635,21 @@ fn flows_of_a_removed_backend() {
     assert!(errors.is_empty(), "{errors:?}");
 
     let (_, out) = run(&t, "from_pod", &tcp(CLIENT, 41000, VIP, 80, false, b"more"));
-    assert_eq!(parse(&out).dst, BACKEND, "established TCP stays on its backend");
+    assert_eq!(
+        parse(&out).dst,
+        BACKEND,
+        "established TCP stays on its backend"
+    );
     let (_, out) = run(&t, "from_pod", &tcp(CLIENT, 41000, VIP, 80, true, b""));
-    assert_eq!(parse(&out).dst, [10, 244, 1, 6], "a new SYN on the reused tuple is re-balanced");
+    assert_eq!(
+        parse(&out).dst,
+        [10, 244, 1, 6],
+        "a new SYN on the reused tuple is re-balanced"
+    );
     let (_, out) = run(&t, "from_pod", &udp(CLIENT, 5001, VIP, 53, b"q"));
-    assert_eq!(parse(&out).dst, [10, 244, 1, 6], "the UDP flow moves to a live backend");
+    assert_eq!(
+        parse(&out).dst,
+        [10, 244, 1, 6],
+        "the UDP flow moves to a live backend"
+    );
 }

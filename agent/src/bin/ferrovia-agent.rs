@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Parser, Debug)]
 #[command(version, about = "ferrovia's per-node eBPF data plane agent")]
 struct Args {
-    /// A directory of Kubernetes YAML manifests (Service, EndpointSlice, Pod, Namespace),
+    /// A directory of Kubernetes YAML manifests (Service, `EndpointSlice`, Pod, Namespace),
     /// watched for changes.
     #[arg(long)]
     manifests: PathBuf,
@@ -39,7 +39,7 @@ struct Args {
     /// Where the agent keeps what must outlive it (registered pods).
     #[arg(long, default_value = "/run/ferrovia")]
     state_dir: PathBuf,
-    /// Attach tc programs with clsact/cls_bpf even where TCX links are available.
+    /// Attach tc programs with `clsact/cls_bpf` even where TCX links are available.
     #[arg(long)]
     no_tcx: bool,
     #[arg(long, default_value_t = MapSizes::default().services)]

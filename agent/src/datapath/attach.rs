@@ -2,9 +2,9 @@
 //!
 //! - tc with TCX links (kernel 6.6+, found by trying): links are pinned under
 //!   `<bpffs root>/links/`; a restarted agent swaps its new program into the pinned link
-//!   atomically (`BPF_LINK_UPDATE`). Older kernels get a classic clsact + cls_bpf filter,
+//!   atomically (`BPF_LINK_UPDATE`). Older kernels get a classic clsact + `cls_bpf` filter,
 //!   which lives in the kernel until removed and is replaced in place by priority/handle.
-//! - cgroup sock_addr hooks: links pinned the same way; a restarted agent attaches its new
+//! - cgroup `sock_addr` hooks: links pinned the same way; a restarted agent attaches its new
 //!   program beside the old one (multi-attach), then unpins the old one. Running both for an
 //!   instant is harmless: the second sees an address that is no VIP any more.
 use std::{
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub enum TcMode {
     /// A TCX link, pinned.
     Tcx,
-    /// A cls_bpf filter on the clsact qdisc, at this priority and handle.
+    /// A `cls_bpf` filter on the clsact qdisc, at this priority and handle.
     Netlink { priority: u16, handle: u32 },
 }
 
@@ -92,7 +92,7 @@ pub fn attach_tc(
                 return Ok(TcMode::Tcx);
             }
             Err(e) => {
-                tracing::info!(%ifname, error = %e, "TCX attach unavailable, using clsact/cls_bpf")
+                tracing::info!(%ifname, error = %e, "TCX attach unavailable, using clsact/cls_bpf");
             }
         }
     }
@@ -135,7 +135,7 @@ pub fn detach_tc(ifname: &str, attach: TcAttachType, links_dir: &Path, mode: TcM
     }
 }
 
-/// Attaches a cgroup sock_addr program, replacing a pinned one from a previous run.
+/// Attaches a cgroup `sock_addr` program, replacing a pinned one from a previous run.
 pub fn attach_cgroup(
     prog: &mut CgroupSockAddr,
     name: &str,

@@ -72,7 +72,7 @@ pub struct DatapathConfig {
     /// The cgroup v2 directory whose processes get socket-level LB; `None` turns it off.
     pub socket_lb_cgroup: Option<PathBuf>,
     pub sizes: MapSizes,
-    /// Try TCX links before clsact/cls_bpf.
+    /// Try TCX links before `clsact/cls_bpf`.
     pub prefer_tcx: bool,
 }
 
@@ -203,7 +203,7 @@ impl Datapath {
             ..TestRunOptions::default()
         })?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        Ok((result.return_value.cast_signed(), out))
     }
 
     /// Frontends installed.
@@ -328,8 +328,8 @@ pub fn frontend_specs(desired: &Desired) -> Vec<FrontendSpec> {
     out
 }
 
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it fails without
-/// CAP_SYS_RESOURCE, which is harmless on newer kernels (memcg accounting): not fatal.
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`. Raising it fails without
+/// `CAP_SYS_RESOURCE`, which is harmless on newer kernels (memcg accounting): not fatal.
 fn raise_memlock() {
     let limit = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -202,6 +202,21 @@ impl ServiceWriter {
 
     /// Applies one frontend. `Some(true)`: added, `Some(false)`: updated, `None`: unchanged.
     fn apply(&mut self, spec: &FrontendSpec) -> Result<Option<bool>, WriteError> {
+        let Some((old, new)) = self.plan(spec)? else {
+            return Ok(None);
+        };
+        let added = old.is_none();
+        self.write(spec, old.as_ref().map_or(&[][..], |o| &o.slots), new)?;
+        Ok(Some(added))
+    }
+
+    /// What `spec` needs written: the installed and the new state of the frontend (ids of
+    /// surviving backends kept, new ones allocated), or `None` when nothing changes. Refuses
+    /// a frontend that would not fit, before anything is written.
+    fn plan(
+        &mut self,
+        spec: &FrontendSpec,
+    ) -> Result<Option<(Option<Installed>, Installed)>, WriteError> {
         let name = || describe(&spec.key);
         let count = u16::try_from(spec.backends.len())
             .map_err(|_| WriteError::TooManyBackends { frontend: name() })?;
@@ -264,7 +279,18 @@ impl ServiceWriter {
         if old.is_none() {
             self.next_service_id += 1;
         }
+        Ok(Some((old, new)))
+    }
 
+    /// Writes a frontend in the order that keeps the data path consistent at every instant.
+    fn write(
+        &mut self,
+        spec: &FrontendSpec,
+        old_slots: &[(u32, SocketAddr)],
+        new: Installed,
+    ) -> Result<(), WriteError> {
+        let service_id = new.service.service_id;
+        let service = new.service;
         let map_err = |map: &'static str| {
             move |source| WriteError::Map {
                 frontend: describe(&spec.key),
@@ -307,21 +333,20 @@ impl ServiceWriter {
         self.services
             .insert(spec.key, service, 0)
             .map_err(map_err("SERVICES"))?;
-        self.installed.insert(spec.key, new.clone());
+        let new_len = new.slots.len();
+        let kept: Vec<u32> = new.slots.iter().map(|(id, _)| *id).collect();
+        self.installed.insert(spec.key, new);
         // 4. Slots and backends no longer referenced.
-        for slot in new.slots.len() + 1..=old_slots.len() {
+        for slot in new_len + 1..=old_slots.len() {
             let slot = u16::try_from(slot).expect("old count fits u16");
             self.services
                 .remove(&ServiceKey { slot, ..spec.key })
                 .map_err(map_err("SERVICES"))?;
         }
-        for (id, _) in old_slots
-            .iter()
-            .filter(|(id, _)| !new.slots.iter().any(|(n, _)| n == id))
-        {
+        for (id, _) in old_slots.iter().filter(|(id, _)| !kept.contains(id)) {
             self.backends.remove(id).map_err(map_err("BACKENDS"))?;
         }
-        Ok(Some(old.is_none()))
+        Ok(())
     }
 
     fn remove(&mut self, key: &ServiceKey) -> Result<(), WriteError> {

@@ -5,6 +5,8 @@
 //! Addresses are family-neutral: 16 bytes in network byte order, an IPv4 address in the
 //! first four bytes and the rest zero, with a `family` field beside them.
 #![no_std]
+// Explicit padding fields are public so both sides can build values with struct literals.
+#![allow(clippy::pub_underscore_fields)]
 
 /// Address family markers carried in keys (not the kernel's `AF_*`: one byte, explicit).
 pub const FAMILY_V4: u8 = 4;
