@@ -33,3 +33,5 @@ pub use node::{CniMode, Node, NodeOptions};
 pub use pod::Pod;
 pub use sys::sweep_stale;
 pub use workload::{Place, ProbeResult, ProbeSpec, ProbeStream, Proto, Server};
+pub mod cni_check;
+pub mod sendto;

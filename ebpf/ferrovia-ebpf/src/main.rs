@@ -60,12 +60,12 @@ fn verdict(result: Result<i32, i64>) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx)
+    sock::forward(&ctx, sock::Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx)
+    sock::forward(&ctx, sock::Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -22,14 +22,26 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// connect4 / sendmsg4: VIP → backend. Datagram sockets remember their backend per VIP in
-/// `SOCK_FWD` (while it lives), so a UDP "flow" does not hop between backends.
+/// Which hook runs [`forward`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+/// connect4 / sendmsg4: VIP → backend. Unconnected datagram sockets remember their backend
+/// per VIP in `SOCK_FWD` (while it lives), so a UDP "flow" does not hop between backends.
+///
+/// A UDP `connect()` is left alone: the kernel runs sendmsg4 only for sends that carry an
+/// address, so a connected socket translated once would keep a removed backend forever.
+/// Its datagrams go to the VIP and the per-packet path balances them, per flow, moving the
+/// flow when its backend leaves.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext) -> i32 {
+pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP || (proto == PROTO_UDP && hook == Hook::Connect) {
         return ALLOW;
     }
     let frontend = ServiceKey {
