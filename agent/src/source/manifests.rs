@@ -41,7 +41,39 @@ pub struct ManifestsSource {
 struct Store {
     /// What each file contributed at the last load, kept for when it next fails to parse.
     files: BTreeMap<PathBuf, Vec<Entry>>,
+    /// The outcome of parsing each file, by what the file looked like then: a reload parses
+    /// only files that changed (a directory with 10,000 services must not be re-read whole
+    /// because one endpoint moved).
+    parsed: BTreeMap<PathBuf, Parsed>,
     state: Arc<ClusterState>,
+    errors: Vec<ManifestError>,
+}
+
+/// A file's identity and version as the file system tells them: editors and `kubectl`-like
+/// tools either rewrite in place (size/mtime change) or rename a new file over it (inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            inode: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Parsed {
+    stamp: Stamp,
+    entries: Option<Vec<Entry>>,
     errors: Vec<ManifestError>,
 }
 
@@ -83,18 +115,41 @@ impl ManifestsSource {
             }
         };
         let mut files = BTreeMap::new();
+        let mut parsed = BTreeMap::new();
         for path in paths {
-            match load_file(&path, &store.state, &mut errors) {
+            let stamp = Stamp::of(&path);
+            let outcome = match store.parsed.get(&path) {
+                Some(cached) if Some(cached.stamp) == stamp => cached.clone(),
+                _ => {
+                    let mut file_errors = Vec::new();
+                    let entries = load_file(&path, &store.state, &mut file_errors);
+                    Parsed {
+                        stamp: stamp.unwrap_or(Stamp {
+                            inode: 0,
+                            len: 0,
+                            mtime_ns: -1,
+                        }),
+                        entries,
+                        errors: file_errors,
+                    }
+                }
+            };
+            errors.extend(outcome.errors.iter().cloned());
+            match &outcome.entries {
                 Some(entries) => {
-                    files.insert(path, entries);
+                    files.insert(path.clone(), entries.clone());
                 }
                 None => {
                     if let Some(kept) = store.files.get(&path) {
-                        files.insert(path, kept.clone());
+                        files.insert(path.clone(), kept.clone());
                     }
                 }
             }
+            if stamp.is_some() {
+                parsed.insert(path, outcome);
+            }
         }
+        store.parsed = parsed;
         let state = merge(&files, &mut errors);
 
         for error in errors.iter().filter(|e| !store.errors.contains(e)) {

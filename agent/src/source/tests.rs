@@ -316,6 +316,49 @@ fn unchanged_reload_returns_the_same_snapshot() {
     assert!(Arc::ptr_eq(&first, &source.reload()));
 }
 
+/// Only changed files are parsed again, and "changed" includes an in-place rewrite of the
+/// same length (size and inode stay, mtime moves) and a rename over the file (inode moves).
+#[test]
+fn reload_reparses_changed_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", SERVICE);
+    write(
+        dir.path(),
+        "other.yaml",
+        &SERVICE
+            .replace("hostnames", "other")
+            .replace("10.96.0.10", "10.96.0.11"),
+    );
+    let source = ManifestsSource::new(dir.path());
+    let first = source.reload();
+    let other = ObjRef::new("default", "other");
+
+    // Same length, new content, written in place a little later (mtime has a coarse clock).
+    std::thread::sleep(Duration::from_millis(20));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &SERVICE.replace("port: 80", "port: 81"),
+    );
+    let second = source.reload();
+    assert_eq!(service_port(&first, "hostnames"), 80);
+    assert_eq!(
+        service_port(&second, "hostnames"),
+        81,
+        "in-place edit of the same length is seen"
+    );
+    assert!(
+        Arc::ptr_eq(&first.services[&other], &second.services[&other]),
+        "the unchanged file was not parsed again"
+    );
+
+    // A new file renamed over the old one.
+    let tmp = dir.path().join(".svc.tmp");
+    std::fs::write(&tmp, SERVICE.replace("port: 80", "port: 82")).unwrap();
+    std::fs::rename(&tmp, dir.path().join("svc.yaml")).unwrap();
+    assert_eq!(service_port(&source.reload(), "hostnames"), 82);
+}
+
 /// Waits, generously, until the published state satisfies `done`.
 async fn wait_for(
     rx: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>,
