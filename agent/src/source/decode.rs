@@ -112,14 +112,15 @@ pub fn documents(file: &Path, text: &str) -> Result<Vec<(usize, Value)>, Box<Man
             }
         }
     }
-    let values: Vec<Spanned<Value>> = serde_saphyr::from_multiple(text).map_err(|e| {
-        let line = e.location().map(|l| l.line()).filter(|&l| l > 0);
-        Box::new(ManifestError::file(
-            file,
-            line,
-            format!("invalid YAML: {}", e.without_snippet()),
-        ))
-    })?;
+    let values: Vec<Spanned<Value>> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(|e| {
+            let line = e.location().map(|l| l.line()).filter(|&l| l > 0);
+            Box::new(ManifestError::file(
+                file,
+                line,
+                format!("invalid YAML: {}", e.without_snippet()),
+            ))
+        })?;
     Ok(values
         .into_iter()
         .map(|v| {
@@ -301,4 +302,21 @@ fn unknown_fields(given: &Value, known: &Value, path: &mut String, out: &mut Vec
         }
         _ => {}
     }
+}
+
+/// The parser's resource budget for a file of `len` bytes. serde-saphyr's defaults (1,024
+/// documents, 250,000 nodes per input) are meant for untrusted input and would reject a
+/// manifests file of a few thousand services; the manifests directory is root-owned
+/// configuration, so the budget grows with the file instead: every document, node and event
+/// takes at least a byte of input, so nothing is amplified beyond the file's own size.
+/// Aliases and anchors — the "billion laughs" amplification — keep their default caps.
+fn yaml_options(len: usize) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = budget.max_documents.max(len);
+    budget.max_nodes = budget.max_nodes.max(len);
+    budget.max_events = budget.max_events.max(len.saturating_mul(2));
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(len);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }

@@ -427,3 +427,30 @@ async fn watcher_sees_created_edited_replaced_and_deleted_files() {
         .unwrap()
         .unwrap();
 }
+
+/// A large manifests file (here 3,000 Services and their EndpointSlices, 6,000 documents)
+/// loads whole: the YAML parser's budget scales with the file instead of its defaults for
+/// untrusted input (1,024 documents).
+#[test]
+fn large_files_load_whole() {
+    use std::fmt::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..3000 {
+        let _ = write!(
+            text,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\nspec:\n  clusterIP: 10.{}.{}.{}\n  ports: [{{name: http, port: 80}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: big, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"10.200.{}.{}\"]\n",
+            96 + i / 65536,
+            (i / 256) % 256,
+            i % 256,
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    write(dir.path(), "big.yaml", &text);
+    let (state, errors) = load_dir(dir.path());
+    assert!(errors.is_empty(), "{:?}", errors.first());
+    assert_eq!((state.services.len(), state.endpoint_slices.len()), (3000, 3000));
+}
