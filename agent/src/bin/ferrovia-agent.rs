@@ -67,7 +67,10 @@ fn cgroup2_root() -> Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Colours only on a terminal: a DaemonSet's log or a file gets plain text.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -141,6 +144,11 @@ async fn main() -> Result<()> {
     }
     tracing::info!("stopping; pinned maps and links stay for the next start");
     let _ = stop_tx.send(());
-    server.await.context("API server task")??;
+    // Graceful shutdown waits for open API connections; a client that hangs on must not keep
+    // the agent from stopping (the data path does not need it: maps and links stay pinned).
+    match tokio::time::timeout(std::time::Duration::from_secs(2), server).await {
+        Ok(result) => result.context("API server task")??,
+        Err(_) => tracing::warn!("API connections still open after 2 s; stopping anyway"),
+    }
     Ok(())
 }

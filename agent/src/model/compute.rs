@@ -18,8 +18,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 #[must_use]
 pub fn compute(state: &ClusterState, pod_ips: &PodIps) -> Desired {
     let mut desired = Desired::default();
+    let slices = endpoints::SliceIndex::new(state);
     for (key, service) in &state.services {
-        add_service(&mut desired, state, pod_ips, key, service);
+        add_service(&mut desired, state, &slices, pod_ips, key, service);
     }
     desired
 }
@@ -27,6 +28,7 @@ pub fn compute(state: &ClusterState, pod_ips: &PodIps) -> Desired {
 fn add_service(
     desired: &mut Desired,
     state: &ClusterState,
+    slices: &endpoints::SliceIndex<'_>,
     pod_ips: &PodIps,
     key: &ObjRef,
     service: &Service,
@@ -97,7 +99,7 @@ fn add_service(
             // whoever wrote it; for a service with a selector, ferrovia (in manifests mode)
             // also plays the EndpointSlice controller and derives endpoints from the pods.
             let mut candidates =
-                endpoints::from_slices(state, key, port_name, protocol, vip.is_ipv4());
+                endpoints::from_slices(slices, key, port_name, protocol, vip.is_ipv4());
             if has_selector {
                 candidates.extend(endpoints::from_pods(
                     state,

@@ -2,7 +2,7 @@
 //! plays the `EndpointSlice` controller) or read from `EndpointSlice`s (services without one), then
 //! selected as kube-proxy does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Container, Pod, ServicePort, ServiceSpec};
@@ -96,22 +96,59 @@ pub fn from_pods(
 /// The endpoints that the `EndpointSlice`s of service `svc` list for the service port named
 /// `port_name` with `protocol`, of the VIP's family — kube-proxy's `EndpointSliceCache`.
 #[must_use]
+/// The EndpointSlices of a snapshot by the service they belong to (their
+/// `kubernetes.io/service-name` label), built once per [`super::compute`] so that finding a
+/// service's slices does not scan every slice of its namespace (which made a sync quadratic
+/// in the number of services).
+#[derive(Default)]
+pub struct SliceIndex<'a> {
+    /// Namespace → service name → slices.
+    by_service: HashMap<&'a str, HashMap<&'a str, Vec<&'a EndpointSlice>>>,
+}
+
+impl<'a> SliceIndex<'a> {
+    #[must_use]
+    pub fn new(state: &'a ClusterState) -> Self {
+        let mut by_service: HashMap<&str, HashMap<&str, Vec<&EndpointSlice>>> = HashMap::new();
+        for (key, slice) in &state.endpoint_slices {
+            let labels = slice.metadata.labels.as_ref();
+            if let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL))
+                && proxied_by_us(labels)
+            {
+                by_service
+                    .entry(key.namespace.as_str())
+                    .or_default()
+                    .entry(service.as_str())
+                    .or_default()
+                    .push(&**slice);
+            }
+        }
+        Self { by_service }
+    }
+
+    /// The slices labelled for `svc`, in name order.
+    #[must_use]
+    pub fn of(&self, svc: &ObjRef) -> &[&'a EndpointSlice] {
+        self.by_service
+            .get(svc.namespace.as_str())
+            .and_then(|services| services.get(svc.name.as_str()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 pub fn from_slices(
-    state: &ClusterState,
+    slices: &SliceIndex<'_>,
     svc: &ObjRef,
     port_name: &str,
     protocol: Protocol,
     ipv4: bool,
 ) -> Vec<Endpoint> {
     let address_type = if ipv4 { "IPv4" } else { "IPv6" };
-    ClusterState::in_namespace(&state.endpoint_slices, &svc.namespace)
-        .map(|(_, slice)| slice)
-        .filter(|slice| {
-            let labels = slice.metadata.labels.as_ref();
-            labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(&svc.name)
-                && proxied_by_us(labels)
-                && slice.address_type == address_type
-        })
+    slices
+        .of(svc)
+        .iter()
+        .copied()
+        .filter(|slice| slice.address_type == address_type)
         .filter_map(|slice| Some((slice, slice_port(slice, port_name, protocol)?)))
         .flat_map(|(slice, target)| {
             slice.endpoints.iter().filter_map(move |ep| {

@@ -17,9 +17,9 @@ use crate::model::ClusterState;
 
 /// How long the directory must stay quiet after a change before it is reloaded: an editor's
 /// save or a `kubectl`-style rewrite is several events in a burst.
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A reload happens at the latest this long after the first change, even if changes keep coming.
-pub const MAX_DELAY: Duration = Duration::from_millis(500);
+pub const MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// The manifests directory as a [`StateSource`].
 ///

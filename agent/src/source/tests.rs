@@ -452,5 +452,8 @@ fn large_files_load_whole() {
     write(dir.path(), "big.yaml", &text);
     let (state, errors) = load_dir(dir.path());
     assert!(errors.is_empty(), "{:?}", errors.first());
-    assert_eq!((state.services.len(), state.endpoint_slices.len()), (3000, 3000));
+    assert_eq!(
+        (state.services.len(), state.endpoint_slices.len()),
+        (3000, 3000)
+    );
 }
