@@ -71,6 +71,9 @@ pub struct ServiceWriter {
     services_capacity: u32,
     backends_capacity: u32,
     installed: BTreeMap<ServiceKey, Installed>,
+    /// Entries `installed` takes in (`SERVICES`, `BACKENDS`), kept as it changes: the
+    /// capacity check runs per frontend, and recounting would make a sync quadratic.
+    used: (usize, usize),
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -104,6 +107,7 @@ impl ServiceWriter {
             services_capacity,
             backends_capacity,
             installed: BTreeMap::new(),
+            used: (0, 0),
             next_service_id: 1,
             next_backend_id: 1,
         };
@@ -125,7 +129,7 @@ impl ServiceWriter {
                 referenced.insert(id);
             }
             writer.next_service_id = writer.next_service_id.max(service.service_id + 1);
-            writer.installed.insert(*key, Installed { service, slots });
+            writer.set_installed(*key, Installed { service, slots });
         }
         for key in &keys {
             let base = ServiceKey { slot: 0, ..*key };
@@ -162,8 +166,25 @@ impl ServiceWriter {
     /// Entries in use in (`SERVICES`, `BACKENDS`).
     #[must_use]
     pub fn entries(&self) -> (usize, usize) {
-        let slots: usize = self.installed.values().map(|i| i.slots.len()).sum();
-        (self.installed.len() + slots, slots)
+        self.used
+    }
+
+    /// Records `installed` for `key`, keeping the entry counts.
+    fn set_installed(&mut self, key: ServiceKey, installed: Installed) {
+        let added = (1 + installed.slots.len(), installed.slots.len());
+        if let Some(old) = self.installed.insert(key, installed) {
+            self.used.0 -= 1 + old.slots.len();
+            self.used.1 -= old.slots.len();
+        }
+        self.used.0 += added.0;
+        self.used.1 += added.1;
+    }
+
+    fn unset_installed(&mut self, key: &ServiceKey) {
+        if let Some(old) = self.installed.remove(key) {
+            self.used.0 -= 1 + old.slots.len();
+            self.used.1 -= old.slots.len();
+        }
     }
 
     /// Makes the maps hold exactly `desired`. A frontend that cannot be written is reported
@@ -335,7 +356,7 @@ impl ServiceWriter {
             .map_err(map_err("SERVICES"))?;
         let new_len = new.slots.len();
         let kept: Vec<u32> = new.slots.iter().map(|(id, _)| *id).collect();
-        self.installed.insert(spec.key, new);
+        self.set_installed(spec.key, new);
         // 4. Slots and backends no longer referenced.
         for slot in new_len + 1..=old_slots.len() {
             let slot = u16::try_from(slot).expect("old count fits u16");
@@ -361,7 +382,7 @@ impl ServiceWriter {
             }
         };
         self.services.remove(key).map_err(map_err("SERVICES"))?;
-        self.installed.remove(key);
+        self.unset_installed(key);
         for slot in 1..=old.slots.len() {
             let slot = u16::try_from(slot).expect("count fits u16");
             self.services
@@ -391,10 +412,10 @@ impl ServiceWriter {
         };
         match read() {
             Ok(installed) => {
-                self.installed.insert(*key, installed);
+                self.set_installed(*key, installed);
             }
             Err(_) => {
-                self.installed.remove(key);
+                self.unset_installed(key);
             }
         }
     }
