@@ -2,16 +2,20 @@
 //!
 //! `serve` answers every TCP line and every UDP datagram with `NAME <peer-ip>:<peer-port>`, the
 //! peer as the server sees it, so a test can tell which pod answered and which source address it
-//! saw. `probe` sends requests and prints one JSON line per request (see [`ProbeLine`]).
+//! saw. It runs on a tokio runtime (current-thread unless `--workers`), a task per connection,
+//! so a new connection costs no thread. `probe` sends requests and prints one JSON line per
+//! request (see [`ProbeLine`]).
 //!
-//! Both first join `--cgroup` and `--netns`, before any thread exists: `setns(CLONE_NEWNET)`
-//! only moves the calling thread, and the agent's cgroup socket hooks only see sockets of
-//! processes inside its cgroup.
+//! Both first join `--cgroup` and `--netns`, before any thread or runtime exists:
+//! `setns(CLONE_NEWNET)` only moves the calling thread, and the agent's cgroup socket hooks only
+//! see sockets of processes inside its cgroup.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -19,6 +23,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime;
+use tokio::task::JoinSet;
 
 #[derive(Parser)]
 #[command(about = "Echo server and prober for ferrovia's end-to-end tests")]
@@ -49,6 +56,9 @@ enum Command {
         /// Created once every socket is bound and listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Runtime threads: 1 runs everything on the main thread.
+        #[arg(long, default_value_t = NonZeroUsize::MIN)]
+        workers: NonZeroUsize,
     },
     /// Send requests and print one JSON line per request.
     Probe {
@@ -123,7 +133,8 @@ fn main() -> Result<()> {
             tcp,
             udp,
             ready_file,
-        } => serve(&name, &tcp, &udp, ready_file),
+            workers,
+        } => serve(&name, &tcp, &udp, ready_file, workers),
         Command::Probe {
             proto,
             to,
@@ -168,61 +179,134 @@ fn bind(ty: Type, port: u16) -> Result<Socket> {
     Ok(s)
 }
 
-/// The reply text; v4-mapped peers of the dual-stack socket are shown as plain IPv4.
-fn reply_for(name: &str, peer: SocketAddr) -> String {
-    format!("{name} {}:{}\n", peer.ip().to_canonical(), peer.port())
+/// Writes the reply text into `out` (cleared first); v4-mapped peers of the dual-stack socket
+/// are shown as plain IPv4.
+fn write_reply(out: &mut Vec<u8>, name: &str, peer: SocketAddr) {
+    out.clear();
+    // Writing into a Vec cannot fail.
+    let _ = writeln!(out, "{name} {}:{}", peer.ip().to_canonical(), peer.port());
 }
 
-fn serve(name: &str, tcp: &[u16], udp: &[u16], ready_file: Option<PathBuf>) -> Result<()> {
+/// Serves every socket on one tokio runtime: current-thread (the thread that joined the cgroup
+/// and netns) when `workers` is 1, else a multi-thread runtime whose workers are spawned from
+/// it, after the joins, so they inherit the namespace.
+fn serve(
+    name: &str,
+    tcp: &[u16],
+    udp: &[u16],
+    ready_file: Option<PathBuf>,
+    workers: NonZeroUsize,
+) -> Result<()> {
     if tcp.is_empty() && udp.is_empty() {
         bail!("nothing to serve: give --tcp and/or --udp");
     }
-    let mut handles = Vec::new();
+    // Bind and listen before the runtime exists, as before; the runtime only adopts the sockets.
+    let mut listeners = Vec::new();
     for &port in tcp {
         let sock = bind(Type::STREAM, port)?;
         sock.listen(1024)?;
-        let listener: TcpListener = sock.into();
-        let name = name.to_owned();
-        handles.push(thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let name = name.clone();
-                thread::spawn(move || serve_tcp_conn(&name, conn));
-            }
-        }));
+        sock.set_nonblocking(true)?;
+        listeners.push(std::net::TcpListener::from(sock));
     }
+    let mut udp_sockets = Vec::new();
     for &port in udp {
-        let socket: UdpSocket = bind(Type::DGRAM, port)?.into();
-        let name = name.to_owned();
-        handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            loop {
-                match socket.recv_from(&mut buf) {
-                    Ok((_, peer)) => {
-                        let _ = socket.send_to(reply_for(&name, peer).as_bytes(), peer);
-                    }
-                    Err(e) => eprintln!("udp recv: {e}"),
-                }
-            }
-        }));
+        let sock = bind(Type::DGRAM, port)?;
+        sock.set_nonblocking(true)?;
+        udp_sockets.push(std::net::UdpSocket::from(sock));
     }
-    if let Some(path) = ready_file {
-        fs::write(&path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    let mut builder = if workers.get() == 1 {
+        runtime::Builder::new_current_thread()
+    } else {
+        let mut b = runtime::Builder::new_multi_thread();
+        b.worker_threads(workers.get());
+        b
+    };
+    let rt = builder.enable_io().enable_time().build()?;
+    let name: Arc<str> = name.into();
+    rt.block_on(async move {
+        let mut tasks = JoinSet::new();
+        for listener in listeners {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tasks.spawn(accept_loop(listener, Arc::clone(&name)));
+        }
+        for socket in udp_sockets {
+            let socket = tokio::net::UdpSocket::from_std(socket)?;
+            tasks.spawn(serve_udp(socket, Arc::clone(&name)));
+        }
+        if let Some(path) = ready_file {
+            fs::write(&path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+        // The loops never end; this only returns if one panicked.
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    })
 }
 
-fn serve_tcp_conn(name: &str, conn: TcpStream) {
-    let Ok(peer) = conn.peer_addr() else { return };
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let reply = reply_for(name, peer);
-    for line in BufReader::new(conn).lines() {
-        if line.is_err() || writer.write_all(reply.as_bytes()).is_err() {
+/// Accepts forever, one task per connection.
+async fn accept_loop(listener: tokio::net::TcpListener, name: Arc<str>) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, peer)) => {
+                tokio::spawn(serve_tcp_conn(conn, peer, Arc::clone(&name)));
+            }
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning on a still-pending connection.
+                eprintln!("tcp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Answers each line (`\n`-terminated, or a final unterminated one at EOF) with the reply,
+/// until EOF or an error (a client reset is just the end of the connection).
+async fn serve_tcp_conn(mut conn: tokio::net::TcpStream, peer: SocketAddr, name: Arc<str>) {
+    let mut reply = Vec::with_capacity(name.len() + 48);
+    write_reply(&mut reply, &name, peer);
+    let mut buf = [0u8; 4096];
+    // Replies for several lines read at once, written with one call.
+    let mut batch = Vec::new();
+    // Bytes of a line seen whose newline has not arrived yet.
+    let mut partial = false;
+    loop {
+        let n = match conn.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        let data = &buf[..n];
+        let lines: usize = data.iter().map(|&b| usize::from(b == b'\n')).sum();
+        partial = data.last() != Some(&b'\n');
+        let out = if lines <= 1 {
+            &reply[..]
+        } else {
+            batch.clear();
+            for _ in 0..lines {
+                batch.extend_from_slice(&reply);
+            }
+            &batch[..]
+        };
+        if lines > 0 && conn.write_all(out).await.is_err() {
             return;
+        }
+    }
+    // Like `BufRead::lines`, a last line without a newline still gets its reply.
+    if partial {
+        let _ = conn.write_all(&reply).await;
+    }
+}
+
+/// A reply per datagram, to its sender.
+async fn serve_udp(socket: tokio::net::UdpSocket, name: Arc<str>) {
+    let mut buf = [0u8; 2048];
+    let mut reply = Vec::with_capacity(name.len() + 48);
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((_, peer)) => {
+                write_reply(&mut reply, &name, peer);
+                let _ = socket.send_to(&reply, peer).await;
+            }
+            Err(e) => eprintln!("udp recv: {e}"),
         }
     }
 }
