@@ -116,6 +116,7 @@ impl Node {
             })
             .collect();
         let desired = model::compute(&inner.state, &pod_ips);
+        let computed = started.elapsed();
         let (report, errors) = inner.datapath.sync(&desired);
         for error in &errors {
             tracing::error!("data path kept the previous state: {error}");
@@ -126,6 +127,7 @@ impl Node {
                 updated = report.updated,
                 removed = report.removed,
                 unchanged = report.unchanged,
+                model_us = computed.as_micros() as u64,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "maps synced"
             );

@@ -160,7 +160,7 @@ impl ManifestsSource {
         }
         store.files = files;
         store.errors = errors;
-        if *store.state != state {
+        if !same_objects(&store.state, &state) {
             store.state = Arc::new(state);
         }
         Arc::clone(&store.state)
@@ -228,8 +228,14 @@ impl StateSource for ManifestsSource {
                     break;
                 }
             }
-            // Synchronous, but a small directory reloads in a few milliseconds.
-            publish(&tx, self.reload());
+            // Synchronous; only changed files are parsed again.
+            let started = Instant::now();
+            let state = self.reload();
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "manifests reloaded"
+            );
+            publish(&tx, state);
         }
     }
 
@@ -258,6 +264,23 @@ fn publish(tx: &watch::Sender<Arc<ClusterState>>, state: Arc<ClusterState>) {
         }
         changed
     });
+}
+
+/// Whether two snapshots hold the very same objects. Objects of files that were not parsed
+/// again are the same `Arc`s, so pointer equality answers without a deep comparison of every
+/// object (tens of milliseconds at 10,000 services); a file rewritten with identical content
+/// counts as a change, which only costs a no-op sync.
+fn same_objects(a: &ClusterState, b: &ClusterState) -> bool {
+    fn same<K: PartialEq, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+    }
+    same(&a.services, &b.services)
+        && same(&a.endpoint_slices, &b.endpoint_slices)
+        && same(&a.pods, &b.pods)
+        && same(&a.namespaces, &b.namespaces)
 }
 
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
