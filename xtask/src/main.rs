@@ -4,6 +4,7 @@
 //!   (see `../shared/TOOLCHAIN.md`), idempotently.
 //! - `test [-- ARGS]`: `setup`, a build of the binaries, then the workspace's tests.
 //! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
+//! - `bench [-- ARGS]`: `setup`, a release build, then `ferrovia-bench` (results in `target/bench/`).
 //!
 //! All of them need root: apt, bpffs, and the tests and demo load BPF programs and create
 //! network namespaces.
@@ -39,6 +40,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run setup, a release build, then the benchmarks (`ferrovia-bench`, results in
+    /// `target/bench/`); arguments after `--` are passed on to it (`-- --help`).
+    Bench {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +64,15 @@ fn main() -> anyhow::Result<()> {
             // Plain `cargo test` at the root covers the workspace's default members, which
             // leave out the no_std BPF crate (`--workspace` would build it for the host).
             run_checked(cargo(&root).arg("test").args(&args))
+        }
+        Task::Bench { args } => {
+            setup::run()?;
+            step("cargo build --release (binaries)");
+            run_checked(cargo(&root).args(["build", "--release", "--bins"]))?;
+            step("ferrovia-bench");
+            let mut bench = Command::new(root.join("target/release/ferrovia-bench"));
+            bench.current_dir(&root).args(&args);
+            exec(bench)
         }
         Task::Demo { args } => {
             setup::run()?;

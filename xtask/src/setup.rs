@@ -21,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "socat",
     "busybox-static",
+    // The benchmark: one bulk TCP stream, and the font its plots are labelled with.
+    "iperf3",
+    "fonts-dejavu-core",
 ];
 
 /// bpf-linker's version and features, pinned by TOOLCHAIN.md: its default feature wants

@@ -1,0 +1,11 @@
+//! ferrovia's benchmarks (`cargo xtask bench`): the same traffic through the direct path,
+//! kube-proxy's iptables and nftables layouts, and ferrovia (socket-level and per-packet),
+//! side by side in one run on the same simulated pods.
+//!
+//! - [`kubeproxy`]: the rule sets kube-proxy writes for N services, and loading them.
+//! - [`load`]: the load generator's measurement types (the binary is `ferrovia-load`).
+pub mod cluster;
+pub mod kubeproxy;
+pub mod load;
+pub mod plot;
+pub mod report;
