@@ -165,16 +165,19 @@ impl BenchCluster {
     /// whose VIPs and endpoints are in ranges nothing routes or probes.
     #[must_use]
     pub fn services(&self, n: usize) -> Vec<Svc> {
-        let mut svcs = vec![
-            bench_svc("probe", PROBE_VIP, PROBE_PORT, self.endpoints()),
-            bench_svc(
-                "iperf",
-                IPERF_VIP,
-                IPERF_PORT,
-                vec![SocketAddrV4::new(self.backends[0].ip, IPERF_PORT)],
-            ),
-        ];
-        svcs.extend(kubeproxy::synthetic(n.saturating_sub(1), 10));
+        let mut svcs = kubeproxy::synthetic(n.saturating_sub(1), 10);
+        // In the middle: kube-proxy writes services in Go map order (effectively random), and
+        // iptables walks KUBE-SERVICES linearly, so the first position would hide the cost of
+        // every other service from the iptables baselines; the middle is the average case.
+        let middle = svcs.len() / 2;
+        let iperf = vec![SocketAddrV4::new(self.backends[0].ip, IPERF_PORT)];
+        svcs.splice(
+            middle..middle,
+            [
+                bench_svc("probe", PROBE_VIP, PROBE_PORT, self.endpoints()),
+                bench_svc("iperf", IPERF_VIP, IPERF_PORT, iperf),
+            ],
+        );
         svcs
     }
 
@@ -535,8 +538,15 @@ fn with_timeout<T: Send + 'static>(
         .map(|o| o.stdout)
         .unwrap_or_default();
     for pid in String::from_utf8_lossy(&pids).split_whitespace() {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim().ends_with("-restore") || comm.trim() == "nft" {
+        // The program's path from cmdline: `comm` is cut at 15 characters ("iptables-nft-re").
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let program = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        let program = program.rsplit('/').next().unwrap_or_default();
+        if program.ends_with("-restore") || program == "nft" {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
     }

@@ -10,11 +10,19 @@ use crate::{
     lb::{live_backend, lookup_service, select_backend},
     maps::{CONNTRACK, count},
     packet::{
-        IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce, set_addr,
-        set_port,
+        IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce,
+        set_addr, set_port,
     },
     reject,
 };
+
+/// The clock, read only where an entry is touched: most packets of a pod match no entry,
+/// and reading the clock is not free (a VM's clock source can cost tens of ns).
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
 
 #[inline(always)]
 fn ct_key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
@@ -93,12 +101,10 @@ pub fn reply(
     pkt: &Ipv4Packet,
     bounce_hairpin: bool,
 ) -> Option<Result<i32, i64>> {
-    // SAFETY: helper without side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
     let entry = CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_DIR_IN))?;
     // SAFETY: valid map value; racing writers only touch age and flags.
     let entry = unsafe { &mut *entry };
-    if !alive(entry, pkt, now) {
+    if !alive(entry, pkt, now_ns()) {
         return None;
     }
     count(counter::XLATE_CT);
@@ -109,12 +115,11 @@ pub fn reply(
 /// backend), or the first packet of a new connection to a VIP.
 #[inline(always)]
 pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
-    // SAFETY: helper without side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
     let out_key = ct_key(pkt, CT_DIR_OUT);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&out_key) {
         // SAFETY: valid map value; racing writers only touch age and flags.
         let entry = unsafe { &mut *entry };
+        let now = now_ns();
         // UDP has no end: a flow whose backend is gone is re-balanced rather than sent on
         // into the void (the stale-UDP-conntrack problem). An established TCP connection keeps
         // its backend until it ends, so a terminating pod can finish its work; but a new SYN
@@ -157,6 +162,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags |= CT_FLAG_CLOSING;
     }
+    let now = now_ns();
     // Reply entry first: once the first packet is out, its answer must find its way back.
     let in_key = CtKey {
         saddr: backend.addr,

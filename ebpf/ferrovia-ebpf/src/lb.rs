@@ -31,8 +31,13 @@ pub fn select_backend(
     client: &AffinityKey,
 ) -> Option<(u32, Backend)> {
     let affinity = service.flags & SVC_FLAG_AFFINITY != 0;
+    // The clock only matters to affinity.
     // SAFETY: helper without side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = if affinity {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     if affinity && let Some(entry) = AFFINITY.get_ptr_mut(client) {
         // SAFETY: valid map value pointer; a racing update only changes which backend wins.
         let entry = unsafe { &mut *entry };
