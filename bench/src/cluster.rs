@@ -182,7 +182,7 @@ impl BenchCluster {
     }
 
     /// The one-endpoint service whose endpoint moves, on backend `to`. (ferrovia keeps it in a
-    /// file of its own, as an EndpointSlice change touches one object.)
+    /// file of its own, as an `EndpointSlice` change touches one object.)
     #[must_use]
     pub fn flip(&self, to: usize) -> Svc {
         bench_svc(
@@ -218,7 +218,7 @@ impl BenchCluster {
         match self.loaded.take() {
             Some(Path4::IptablesNft) => kubeproxy::flush_iptables(&netns, IptablesBackend::Nft)?,
             Some(Path4::IptablesLegacy) => {
-                kubeproxy::flush_iptables(&netns, IptablesBackend::Legacy)?
+                kubeproxy::flush_iptables(&netns, IptablesBackend::Legacy)?;
             }
             Some(Path4::Nftables) => kubeproxy::flush_nft(&netns)?,
             _ => {}
@@ -421,10 +421,10 @@ impl BenchCluster {
             backends,
             client,
             agent,
-            _servers,
+            _servers: servers,
             ..
         } = self;
-        drop(_servers);
+        drop(servers);
         drop(client);
         drop(backends);
         drop(agent);
@@ -444,7 +444,7 @@ fn bench_svc(name: &str, vip: Ipv4Addr, port: u16, endpoints: Vec<SocketAddrV4>)
     }
 }
 
-/// Ordinary Kubernetes YAML for `svcs`: a selector-less Service and its EndpointSlice each.
+/// Ordinary Kubernetes YAML for `svcs`: a selector-less Service and its `EndpointSlice` each.
 #[must_use]
 pub fn manifests(svcs: &[Svc]) -> String {
     let mut out = String::with_capacity(svcs.len() * 700);

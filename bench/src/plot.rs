@@ -1,10 +1,13 @@
-//! PNG plots of a report (plotters, text in DejaVu Sans from Debian's `fonts-dejavu-core`).
+//! PNG plots of a report (plotters, text in `DejaVu` Sans from Debian's `fonts-dejavu-core`).
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 
-use crate::report::{Report, Sample};
+use crate::{
+    cluster::Path4,
+    report::{Report, Sample},
+};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -29,11 +32,11 @@ const COLORS: [RGBColor; 6] = [
 
 /// Request rate and new-connection rate against the number of services, one line per path.
 pub fn rates(report: &Report, out: &Path) -> Result<()> {
+    type Pick = fn(&Sample) -> f64;
     register_font()?;
     let root = BitMapBackend::new(out, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(700);
-    type Pick = fn(&Sample) -> f64;
     let panels: [(&DrawingArea<_, _>, &str, Pick); 2] = [
         (
             &left,
@@ -68,8 +71,10 @@ pub fn rates(report: &Report, out: &Path) -> Result<()> {
             .x_desc("services (log scale)")
             .y_desc(title.split('(').next().unwrap_or(""))
             .draw()?;
-        for (i, (path, points)) in series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
+        for (path, points) in &series {
+            // One colour per path, whichever paths a run measured.
+            let color =
+                COLORS[Path4::ALL.iter().position(|p| p == path).unwrap_or(0) % COLORS.len()];
             let pts: Vec<(f64, f64)> = points.iter().map(|(n, y)| (*n as f64, *y)).collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?

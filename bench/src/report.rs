@@ -40,7 +40,7 @@ pub struct Report {
     pub window_s: f64,
     pub conns: u32,
     pub cells: Vec<Cell>,
-    /// ferrovia: EndpointSlice change to the first new connection on the new backend, ms.
+    /// ferrovia: `EndpointSlice` change to the first new connection on the new backend, ms.
     pub endpoint_change_ms: Vec<f64>,
     pub endpoint_change_services: usize,
 }
@@ -113,7 +113,9 @@ impl Report {
 
     /// The markdown report.
     #[must_use]
+    #[allow(clippy::too_many_lines)] // one linear report, section after section
     pub fn markdown(&self) -> String {
+        type Figure = (&'static str, &'static str, fn(&Sample) -> f64, bool);
         let mut out = String::new();
         let _ = writeln!(out, "# ferrovia benchmark\n\n{}\n", self.machine);
         let _ = writeln!(
@@ -125,7 +127,6 @@ impl Report {
              (its hooks cannot be removed from a namespace).\n",
             self.repetitions, self.window_s, self.conns
         );
-        type Figure = (&'static str, &'static str, fn(&Sample) -> f64, bool);
         let figures: [Figure; 5] = [
             (
                 "Request/response over persistent connections",
@@ -312,6 +313,7 @@ fn fmt(v: f64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact medians of small integers
 mod tests {
     use super::*;
 

@@ -24,6 +24,24 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 const NETNS_DIR: &str = "/run/netns";
 
+/// Puts the calling process into a workload's place: its pid into `cgroup`'s
+/// `cgroup.procs` (so the agent's socket hooks apply to it), then its thread into the network
+/// namespace `netns`. `setns` moves only the calling thread, so this must run while the
+/// process is still single-threaded — before any runtime or thread exists.
+pub fn enter(cgroup: Option<&Path>, netns: Option<&Path>) -> Result<()> {
+    if let Some(cgroup) = cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", procs.display()))?;
+    }
+    if let Some(netns) = netns {
+        let file = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", netns.display()))?;
+    }
+    Ok(())
+}
+
 /// A new id, unique on this machine while this process runs: `fv-<pid>-<n>`.
 #[must_use]
 pub fn unique_id() -> String {

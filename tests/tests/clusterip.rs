@@ -1,4 +1,4 @@
-//! ClusterIP behaviour, end to end: a node in a network namespace, pods made by the real CNI
+//! `ClusterIP` behaviour, end to end: a node in a network namespace, pods made by the real CNI
 //! chain (`ptp` + `host-local`, then `ferrovia-cni`), the real agent on a manifests directory,
 //! and real TCP/UDP traffic from `ferrovia-echo`. Every behaviour is checked on both data
 //! paths: socket-level LB (cgroup hooks) and the per-packet tc path (`--socket-lb=false`).
@@ -297,7 +297,7 @@ fn tc_path_honours_client_ip_affinity() {
 }
 
 /// A service without endpoints rejects, as kube-proxy does: TCP is refused at once (socket
-/// path: connect() fails with ECONNREFUSED; tc path: a RST), UDP gets port unreachable
+/// path: `connect()` fails with ECONNREFUSED; tc path: a RST), UDP gets port unreachable
 /// (ECONNREFUSED on a connected socket) — not a timeout into a black hole.
 fn rejects_without_endpoints(socket_lb: bool) {
     let yaml = SERVICE_TCP_UDP.to_owned() + &pod_yaml("other", "app: other", "", "");
@@ -340,7 +340,7 @@ fn tc_path_rejects_when_no_endpoints() {
     rejects_without_endpoints(false);
 }
 
-/// kube-proxy's terminating fallback, from hand-written EndpointSlices of a selector-less
+/// kube-proxy's terminating fallback, from hand-written `EndpointSlices` of a selector-less
 /// service: a serving-but-terminating endpoint is used only once no ready one is left.
 #[test]
 fn terminating_endpoints_serve_only_when_none_is_ready() {
@@ -422,7 +422,7 @@ endpoints:
 /// Hairpin: the only backend calls its own service and gets its own answer. Which source
 /// address it sees depends on the path (README, "Hairpin"): its own pod IP when the socket
 /// hooks translated (a TCP connection is made straight to itself), the VIP when the per-packet
-/// path did (SNATed to the VIP, since a packet from its own address would be dropped as
+/// path did (`SNATed` to the VIP, since a packet from its own address would be dropped as
 /// martian) — always on the tc path, and for connected UDP sockets on both (see `sock.rs`).
 fn hairpin(socket_lb: bool) {
     let yaml = SERVICE_TCP_UDP.to_owned() + &pod_yaml("web-a", "app: web", "", "");

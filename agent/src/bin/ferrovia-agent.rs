@@ -146,9 +146,10 @@ async fn main() -> Result<()> {
     let _ = stop_tx.send(());
     // Graceful shutdown waits for open API connections; a client that hangs on must not keep
     // the agent from stopping (the data path does not need it: maps and links stay pinned).
-    match tokio::time::timeout(std::time::Duration::from_secs(2), server).await {
-        Ok(result) => result.context("API server task")??,
-        Err(_) => tracing::warn!("API connections still open after 2 s; stopping anyway"),
+    if let Ok(result) = tokio::time::timeout(std::time::Duration::from_secs(2), server).await {
+        result.context("API server task")??;
+    } else {
+        tracing::warn!("API connections still open after 2 s; stopping anyway");
     }
     Ok(())
 }

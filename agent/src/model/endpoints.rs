@@ -93,10 +93,7 @@ pub fn from_pods(
         .collect()
 }
 
-/// The endpoints that the `EndpointSlice`s of service `svc` list for the service port named
-/// `port_name` with `protocol`, of the VIP's family — kube-proxy's `EndpointSliceCache`.
-#[must_use]
-/// The EndpointSlices of a snapshot by the service they belong to (their
+/// The `EndpointSlice`s of a snapshot by the service they belong to (their
 /// `kubernetes.io/service-name` label), built once per [`super::compute`] so that finding a
 /// service's slices does not scan every slice of its namespace (which made a sync quadratic
 /// in the number of services).
@@ -136,6 +133,9 @@ impl<'a> SliceIndex<'a> {
     }
 }
 
+/// The endpoints that the `EndpointSlice`s of service `svc` list for the service port named
+/// `port_name` with `protocol`, of the VIP's family — kube-proxy's `EndpointSliceCache`.
+#[must_use]
 pub fn from_slices(
     slices: &SliceIndex<'_>,
     svc: &ObjRef,

@@ -428,7 +428,7 @@ async fn watcher_sees_created_edited_replaced_and_deleted_files() {
         .unwrap();
 }
 
-/// A large manifests file (here 3,000 Services and their EndpointSlices, 6,000 documents)
+/// A large manifests file (here 3,000 Services and their `EndpointSlice`s, 6,000 documents)
 /// loads whole: the YAML parser's budget scales with the file instead of its defaults for
 /// untrusted input (1,024 documents).
 #[test]

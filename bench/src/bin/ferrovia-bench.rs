@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     scales: Vec<usize>,
     /// Data paths to measure. `iptables-legacy` runs in a second phase on a fresh node: its
-    /// x_tables hooks stay registered in a namespace after a flush and would tax every later
+    /// `x_tables` hooks stay registered in a namespace after a flush and would tax every later
     /// measurement there.
     #[arg(
         long,
@@ -53,10 +53,19 @@ struct Args {
     changes: usize,
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Measure nothing: render `results.md` and the plots again from a `results.json`.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(json) = &args.from_json {
+        let report: Report = serde_json::from_slice(
+            &std::fs::read(json).with_context(|| format!("reading {}", json.display()))?,
+        )?;
+        return report.write(&args.out);
+    }
     let paths: Vec<Path4> = args
         .paths
         .iter()
@@ -116,7 +125,7 @@ fn run(
                 services: n,
                 programmed,
                 samples: Vec::new(),
-                prog_ns: Default::default(),
+                prog_ns: std::collections::BTreeMap::default(),
             };
             if cell.programmed.skipped.is_none() {
                 let ferrovia = matches!(path, Path4::FerroviaSocket | Path4::FerroviaTc);

@@ -71,17 +71,8 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Still single-threaded here: both steps must happen before any thread is spawned.
-    if let Some(cgroup) = &cli.cgroup {
-        let procs = cgroup.join("cgroup.procs");
-        fs::write(&procs, std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", procs.display()))?;
-    }
-    if let Some(netns) = &cli.netns {
-        let file = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into {}", netns.display()))?;
-    }
+    // Still single-threaded here: this must happen before any thread is spawned.
+    ferrovia_tests::sys::enter(cli.cgroup.as_deref(), cli.netns.as_deref())?;
     if cli.conns == 0 {
         bail!("--conns must be at least 1");
     }

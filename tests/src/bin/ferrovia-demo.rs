@@ -1,5 +1,5 @@
 //! `ferrovia-demo`: one simulated node, the real agent on the example manifests of
-//! `deploy/examples/`, two echo backends behind the `hostnames` ClusterIP Service and a client
+//! `deploy/examples/`, two echo backends behind the `hostnames` `ClusterIP` Service and a client
 //! pod. Shows the spread of requests over the backends, the hairpin case, on the socket-level
 //! path and then on the per-packet path, and which source address each backend saw.
 //! Everything lives in network namespaces and is removed on exit.
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
 
     agent.stop()?;
     drop(agent);
-    let _agent = node
+    let agent = node
         .start_agent(AgentOpts {
             socket_lb: false,
             ..AgentOpts::default()
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     )?;
 
     println!("\n== cleaning up");
-    drop(_agent);
+    drop(agent);
     node.destroy()?;
     println!("   done: namespaces, veths, pins and processes removed");
     Ok(())
@@ -150,12 +150,12 @@ fn report(title: &str, results: &[ProbeResult]) {
             (Some(name), Some(seen)) => {
                 *by_server
                     .entry((name.to_owned(), seen.ip().to_string()))
-                    .or_default() += 1
+                    .or_default() += 1;
             }
             _ => {
                 *errors
                     .entry(r.error.clone().unwrap_or_default())
-                    .or_default() += 1
+                    .or_default() += 1;
             }
         }
     }
