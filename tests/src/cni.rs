@@ -183,6 +183,20 @@ pub fn del(chain: &Chain, inv: &Invocation, cached: Option<&Value>) -> Result<()
     first_err.map_or(Ok(()), Err)
 }
 
+/// CNI CHECK through the chain in order, each plugin given the cached ADD result (as libcni
+/// runs it); the first failure is returned.
+pub fn check(chain: &Chain, inv: &Invocation, cached: &Value) -> Result<()> {
+    for plugin in &chain.plugins {
+        exec_plugin(
+            "CHECK",
+            plugin_type(plugin)?,
+            &chain.plugin_conf(plugin, Some(cached)),
+            inv,
+        )?;
+    }
+    Ok(())
+}
+
 fn plugin_type(plugin: &Value) -> Result<&str> {
     plugin["type"]
         .as_str()

@@ -6,11 +6,10 @@
 
 use std::sync::PoisonError;
 
-use anyhow::{Context, Result, anyhow, bail};
-use serde_json::{Value, json};
+use anyhow::{Result, anyhow};
+use serde_json::Value;
 
-use crate::cmd::{in_netns, netns_path, run};
-use crate::cni::{CNI_VERSION, Chain, Invocation, cni_path};
+use crate::cni::{Chain, Invocation};
 use crate::node::Node;
 use crate::pod::Pod;
 
@@ -37,63 +36,5 @@ pub fn invocation(node: &Node, pod: &Pod) -> Result<Invocation> {
 /// `prevResult`. The first failure is returned as `CNI CHECK of plugin TYPE failed: code N
 /// msg "..."`.
 pub fn check(chain: &Chain, inv: &Invocation, cached: &Value) -> Result<()> {
-    for plugin in &chain.plugins {
-        check_plugin(chain, plugin, inv, cached)?;
-    }
-    Ok(())
-}
-
-fn check_plugin(chain: &Chain, plugin: &Value, inv: &Invocation, cached: &Value) -> Result<()> {
-    let ty = plugin["type"]
-        .as_str()
-        .ok_or_else(|| anyhow!("plugin conf without a type: {plugin}"))?;
-    let path = cni_path()
-        .into_iter()
-        .map(|d| d.join(ty))
-        .find(|p| p.exists())
-        .ok_or_else(|| anyhow!("CNI plugin {ty:?} not found in {:?}", cni_path()))?;
-    let mut conf = plugin.clone();
-    let obj = conf
-        .as_object_mut()
-        .ok_or_else(|| anyhow!("plugin conf is not an object: {plugin}"))?;
-    obj.insert("name".into(), json!(chain.name));
-    obj.insert("cniVersion".into(), json!(CNI_VERSION));
-    obj.insert("prevResult".into(), cached.clone());
-
-    let mut cmd = in_netns(&inv.host_netns, &path, &[] as &[&str]);
-    cmd.env("CNI_COMMAND", "CHECK")
-        .env("CNI_CONTAINERID", &inv.container_id)
-        .env("CNI_NETNS", netns_path(&inv.pod_netns))
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                inv.k8s_namespace, inv.k8s_name
-            ),
-        )
-        .env(
-            "CNI_PATH",
-            std::env::join_paths(cni_path()).context("joining CNI_PATH")?,
-        );
-    let out = run(&mut cmd, Some(&serde_json::to_vec(&conf)?))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    match serde_json::from_str::<Value>(&stdout) {
-        Ok(err) => bail!(
-            "CNI CHECK of plugin {ty} failed: code {} msg {:?} (stderr: {})",
-            err["code"],
-            err["msg"].as_str().unwrap_or(""),
-            stderr.trim()
-        ),
-        Err(_) => bail!(
-            "CNI CHECK of plugin {ty} failed ({}): {} {}",
-            out.status,
-            stdout.trim(),
-            stderr.trim()
-        ),
-    }
+    crate::cni::check(chain, inv, cached)
 }
