@@ -294,23 +294,14 @@ fn push_jumps(out: &mut String, table: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubeproxy::{Proto, synthetic};
+    use crate::kubeproxy::synthetic;
 
     /// kube-proxy's `ns1/svc1:p80` with endpoints from `TestOverallIPTablesRules`.
-    fn svc1(endpoints: &[&str]) -> Svc {
-        Svc {
-            namespace: "ns1".into(),
-            name: "svc1".into(),
-            port_name: "p80".into(),
-            vip: "172.30.0.41".parse().unwrap(),
-            port: 80,
-            proto: Proto::Tcp,
-            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-        }
-    }
+    use crate::kubeproxy::fixtures::{cfg, svc};
 
-    fn cfg() -> ProxyConfig {
-        ProxyConfig::new("10.0.0.0/8".parse().unwrap())
+    /// kube-proxy's own test service (`ns1/svc1:p80`, 172.30.0.41:80).
+    fn svc1(endpoints: &[&str]) -> Svc {
+        svc("ns1", "svc1", "172.30.0.41", endpoints)
     }
 
     #[test]

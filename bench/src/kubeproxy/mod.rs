@@ -253,3 +253,26 @@ mod tests {
         );
     }
 }
+
+/// Test fixtures shared by the iptables and nftables generators' tests, in the shape of
+/// kube-proxy's own tests (TCP port `p80` on 80, cluster CIDR 10.0.0.0/8).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::{Proto, ProxyConfig, Svc};
+
+    pub fn svc(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> Svc {
+        Svc {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: "p80".into(),
+            vip: vip.parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        }
+    }
+
+    pub fn cfg() -> ProxyConfig {
+        ProxyConfig::new("10.0.0.0/8".parse().unwrap())
+    }
+}

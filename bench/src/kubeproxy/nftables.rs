@@ -239,23 +239,9 @@ fn push_service(tx: &mut String, svc: &Svc, cfg: &ProxyConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubeproxy::{Proto, synthetic};
+    use crate::kubeproxy::synthetic;
 
-    fn svc(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> Svc {
-        Svc {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: "p80".into(),
-            vip: vip.parse().unwrap(),
-            port: 80,
-            proto: Proto::Tcp,
-            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-        }
-    }
-
-    fn cfg() -> ProxyConfig {
-        ProxyConfig::new("10.0.0.0/8".parse().unwrap())
-    }
+    use crate::kubeproxy::fixtures::{cfg, svc};
 
     #[test]
     fn chain_names_match_kube_proxy() {
