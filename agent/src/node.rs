@@ -31,6 +31,9 @@ struct PodRecord {
     ifname: String,
     ips: Vec<std::net::IpAddr>,
     iface: AttachedInterface,
+    /// The pod's network-namespace cookie, when it could be read (Linux 5.14+).
+    #[serde(default)]
+    netns_cookie: Option<u64>,
 }
 
 struct Inner {
@@ -39,8 +42,13 @@ struct Inner {
     state: Arc<ClusterState>,
 }
 
+/// Re-reads the desired-state source now: the snapshot and the source's rejections, one
+/// line each. Blocking (it may read files); called outside the node's lock.
+pub type Reload = Box<dyn Fn() -> (Arc<ClusterState>, Vec<String>) + Send + Sync>;
+
 pub struct Node {
     name: String,
+    reload: Reload,
     state_file: PathBuf,
     inner: Mutex<Inner>,
 }
@@ -52,8 +60,9 @@ impl Node {
         name: String,
         state_dir: &Path,
         mut datapath: Datapath,
-        state: Arc<ClusterState>,
+        reload: Reload,
     ) -> Result<Self> {
+        let (state, _) = reload();
         fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state dir {}", state_dir.display()))?;
         let state_file = state_dir.join("pods.json");
@@ -81,6 +90,7 @@ impl Node {
         }
         let node = Self {
             name,
+            reload,
             state_file,
             inner: Mutex::new(Inner {
                 datapath,
@@ -116,10 +126,25 @@ impl Node {
             })
             .collect();
         let desired = model::compute(&inner.state, &pod_ips);
+        let policy = model::policy::compile(&inner.state, &pod_ips);
         let computed = started.elapsed();
         let (report, errors) = inner.datapath.sync(&desired);
         for error in &errors {
             tracing::error!("data path kept the previous state: {error}");
+        }
+        match inner.datapath.sync_policy(&policy) {
+            Ok(r) if r.changed() => tracing::info!(
+                policies = policy.policies_in_force,
+                isolated_pods = policy.endpoints.len(),
+                classes_added = r.classes_added,
+                classes_removed = r.classes_removed,
+                endpoints_changed = r.endpoints_changed,
+                entries_written = r.entries_written,
+                epoch = r.epoch,
+                "policy synced"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::error!("{error}"),
         }
         if report.added + report.updated + report.removed > 0 {
             tracing::info!(
@@ -159,6 +184,29 @@ impl PodRegistry for Node {
                 ApiError::Internal(format!("pod {}/{}: {e:#}", pod.namespace, pod.name))
             })?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ifname = %pod.host_ifname, ips = ?pod.ips, "pod registered");
+        // Lets the socket hooks tell a pod reaching itself (for policy); best effort.
+        let netns_cookie = match crate::datapath::netns::cookie(std::path::Path::new(&pod.netns)) {
+            Ok(cookie) => {
+                let v4 = pod.ips.iter().find_map(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => Some(*v4),
+                    std::net::IpAddr::V6(_) => None,
+                });
+                if let Some(v4) = v4
+                    && let Err(e) = inner.datapath.set_pod_netns(cookie, v4)
+                {
+                    tracing::warn!("pod {}/{}: {e:#}", pod.namespace, pod.name);
+                }
+                Some(cookie)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "pod {}/{}: no network-namespace cookie ({e:#}); a hairpin of this pod through the socket hooks is not judged by policy",
+                    pod.namespace,
+                    pod.name
+                );
+                None
+            }
+        };
         let record = PodRecord {
             container_id: pod.container_id,
             netns: pod.netns,
@@ -167,6 +215,7 @@ impl PodRegistry for Node {
             ifname: pod.ifname,
             ips: pod.ips,
             iface,
+            netns_cookie,
         };
         inner.pods.insert(record.container_id.clone(), record);
         self.persist(&inner).map_err(ApiError::internal)?;
@@ -181,6 +230,9 @@ impl PodRegistry for Node {
             return Ok(());
         };
         inner.datapath.detach_pod(&record.iface);
+        if let Some(cookie) = record.netns_cookie {
+            inner.datapath.remove_pod_netns(cookie);
+        }
         tracing::info!(pod = %format!("{}/{}", record.namespace, record.name), "pod unregistered");
         self.persist(&inner).map_err(ApiError::internal)?;
         Self::resync(&mut inner);
@@ -200,6 +252,12 @@ impl PodRegistry for Node {
                 record.namespace, record.name, record.iface.ifname
             )))
         }
+    }
+
+    async fn sync(&self) -> Result<Vec<String>, ApiError> {
+        let (state, errors) = (self.reload)();
+        self.set_state(state).await;
+        Ok(errors)
     }
 
     async fn status(&self) -> AgentStatus {

@@ -5,7 +5,12 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use etherparse::PacketBuilder;
 use ferrovia_agent::datapath::{Datapath, DatapathConfig, FrontendSpec, MapSizes, addr};
-use ferrovia_common::{PROTO_TCP, PROTO_UDP, ServiceKey};
+use std::sync::Arc;
+
+use ferrovia_agent::model::policy::{
+    DirectionRules, PeerEntry, PolicyClass, PolicyDesired, PortSet, Prefix,
+};
+use ferrovia_common::{POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP, ServiceKey, verdict};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_REDIRECT: i32 = 7;
@@ -72,6 +77,7 @@ fn open(root: &std::path::Path) -> Datapath {
             ..MapSizes::default()
         },
         prefer_tcx: true,
+        network_policy: true,
     })
     .expect("loading the data path (needs root and bpffs at /sys/fs/bpf)")
 }
@@ -651,5 +657,363 @@ fn flows_of_a_removed_backend() {
         parse(&out).dst,
         [10, 244, 1, 6],
         "the UDP flow moves to a live backend"
+    );
+}
+
+// ---- NetworkPolicy ------------------------------------------------------------------------
+
+const TC_ACT_SHOT: i32 = 2;
+/// An interface index packets "came in on" (lo): forwarded traffic, not the node's own.
+const FORWARDED: u32 = 1;
+const OTHER: [u8; 4] = [10, 244, 0, 9];
+const EXCEPTED: [u8; 4] = [10, 244, 0, 66];
+
+fn prefix(a: [u8; 4], len: u8) -> Prefix {
+    Prefix::new(a.into(), len)
+}
+
+fn ports(ranges: &[(u8, u16, u16)]) -> PortSet {
+    let mut set = PortSet::None;
+    for &(proto, lo, hi) in ranges {
+        set.add(proto, lo, hi);
+    }
+    set
+}
+
+fn allow(set: PortSet) -> PeerEntry {
+    PeerEntry {
+        ports: set,
+        reason: 0,
+    }
+}
+
+/// BACKEND isolated for ingress: CLIENT may use TCP 80–81 and UDP 53; 10.244.0.0/24 except
+/// EXCEPTED may use TCP 9000; and, when `egress_isolated`, no egress rule at all.
+fn backend_policy(egress_isolated: bool) -> PolicyDesired {
+    let ingress: DirectionRules = [
+        (
+            prefix(CLIENT, 32),
+            allow(ports(&[(6, 80, 81), (17, 53, 53), (6, 9000, 9000)])),
+        ),
+        (
+            prefix([10, 244, 0, 0], 24),
+            allow(ports(&[(6, 9000, 9000)])),
+        ),
+        (
+            prefix(EXCEPTED, 32),
+            PeerEntry {
+                ports: PortSet::None,
+                reason: verdict::DENY_EXCEPT,
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let class = PolicyClass {
+        ingress: Some(ingress),
+        egress: egress_isolated.then(DirectionRules::new),
+    };
+    PolicyDesired {
+        endpoints: [(BACKEND.into(), Arc::new(class))].into_iter().collect(),
+        local: [BACKEND.into(), CLIENT.into()].into_iter().collect(),
+        policies_in_force: 1,
+    }
+}
+
+fn verdicts(t: &Loaded, pod: [u8; 4], dir: u8, reason: u8) -> u64 {
+    let all = t.dp.as_ref().unwrap().policy_verdicts().unwrap();
+    all.get(&(pod.into(), dir, reason)).map_or(0, |v| v.0)
+}
+
+fn sync_policy(t: &mut Loaded, desired: &PolicyDesired) {
+    t.dp.as_mut()
+        .unwrap()
+        .sync_policy(desired)
+        .expect("policy sync");
+}
+
+fn to_pod(t: &Loaded, packet: &[u8]) -> i32 {
+    t.dp.as_ref()
+        .unwrap()
+        .test_run_from("to_pod", packet, FORWARDED)
+        .expect("BPF_PROG_TEST_RUN")
+        .0
+}
+
+/// Ingress rules by peer prefix and port, with the reason of every drop counted per pod;
+/// the node itself is always let in.
+#[test]
+fn ingress_policy_allows_by_peer_and_port_and_counts_each_reason() {
+    let mut t = load("pol-ingress");
+    sync_policy(&mut t, &backend_policy(false));
+    let cases: [(&str, Vec<u8>, i32, u8); 8] = [
+        (
+            "client TCP 80",
+            tcp(CLIENT, 40000, BACKEND, 80, true, b""),
+            TC_ACT_OK,
+            verdict::ALLOW_RULE,
+        ),
+        (
+            "client TCP 81 (range)",
+            tcp(CLIENT, 40001, BACKEND, 81, true, b""),
+            TC_ACT_OK,
+            verdict::ALLOW_RULE,
+        ),
+        (
+            "client UDP 53",
+            udp(CLIENT, 40002, BACKEND, 53, b"q"),
+            TC_ACT_OK,
+            verdict::ALLOW_RULE,
+        ),
+        (
+            "client TCP 82",
+            tcp(CLIENT, 40003, BACKEND, 82, true, b""),
+            TC_ACT_SHOT,
+            verdict::DENY_PORT,
+        ),
+        (
+            "client UDP 80",
+            udp(CLIENT, 40004, BACKEND, 80, b"q"),
+            TC_ACT_SHOT,
+            verdict::DENY_PORT,
+        ),
+        (
+            "block TCP 9000",
+            tcp(OTHER, 40005, BACKEND, 9000, true, b""),
+            TC_ACT_OK,
+            verdict::ALLOW_RULE,
+        ),
+        (
+            "except TCP 9000",
+            tcp(EXCEPTED, 40006, BACKEND, 9000, true, b""),
+            TC_ACT_SHOT,
+            verdict::DENY_EXCEPT,
+        ),
+        (
+            "outside TCP 80",
+            tcp([192, 168, 1, 1], 40007, BACKEND, 80, true, b""),
+            TC_ACT_SHOT,
+            verdict::DENY_NO_RULE,
+        ),
+    ];
+    for (what, packet, want, reason) in &cases {
+        let before = verdicts(&t, BACKEND, POL_DIR_INGRESS, *reason);
+        assert_eq!(to_pod(&t, packet), *want, "{what}");
+        assert_eq!(
+            verdicts(&t, BACKEND, POL_DIR_INGRESS, *reason),
+            before + 1,
+            "{what}: counted as {}",
+            verdict::name(*reason)
+        );
+    }
+    // Sent by the node itself (no ingress interface): allowed, whatever the rules.
+    let (v, _) = run(
+        &t,
+        "to_pod",
+        &tcp([192, 168, 1, 1], 40008, BACKEND, 22, true, b""),
+    );
+    assert_eq!(v, TC_ACT_OK, "from the node");
+    assert_eq!(
+        verdicts(&t, BACKEND, POL_DIR_INGRESS, verdict::ALLOW_HOST),
+        1
+    );
+    assert_eq!(counter(&t, "drop_policy"), 4);
+    // A pod that is not isolated is not judged.
+    assert_eq!(
+        to_pod(&t, &tcp(BACKEND, 40009, CLIENT, 1234, true, b"")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        verdicts(&t, CLIENT, POL_DIR_INGRESS, verdict::ALLOW_NOT_ISOLATED),
+        1
+    );
+}
+
+/// Replies of an allowed flow pass the other direction of an isolated pod (egress isolated
+/// with no rule: nothing else leaves); later packets are "established".
+#[test]
+fn replies_of_allowed_flows_pass_the_other_direction() {
+    let mut t = load("pol-reply");
+    sync_policy(&mut t, &backend_policy(true));
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    let (v, _) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 80, CLIENT, 40000, false, b"hi"),
+    );
+    assert_eq!(v, TC_ACT_OK, "TCP reply");
+    assert_eq!(
+        verdicts(&t, BACKEND, POL_DIR_EGRESS, verdict::ALLOW_REPLY),
+        1
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, false, b"more")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        verdicts(&t, BACKEND, POL_DIR_INGRESS, verdict::ALLOW_ESTABLISHED),
+        1
+    );
+    assert_eq!(
+        to_pod(&t, &udp(CLIENT, 40001, BACKEND, 53, b"q")),
+        TC_ACT_OK
+    );
+    let (v, _) = run(&t, "from_pod", &udp(BACKEND, 53, CLIENT, 40001, b"a"));
+    assert_eq!(v, TC_ACT_OK, "UDP reply");
+    // Not a reply: a new connection from the pod, which no egress rule allows.
+    let (v, _) = run(&t, "from_pod", &tcp(BACKEND, 80, CLIENT, 40099, true, b""));
+    assert_eq!(v, TC_ACT_SHOT, "new egress flow");
+    let (v, _) = run(&t, "from_pod", &udp(BACKEND, 53, OTHER, 40001, b"a"));
+    assert_eq!(v, TC_ACT_SHOT, "UDP to another peer");
+    assert_eq!(
+        verdicts(&t, BACKEND, POL_DIR_EGRESS, verdict::DENY_NO_RULE),
+        2
+    );
+}
+
+/// After a policy change, an established flow is judged again on its next packet: one that
+/// stays allowed goes on, one that became denied is cut (and so are its replies).
+#[test]
+fn a_policy_change_cuts_flows_it_denies_on_their_next_packet() {
+    let mut t = load("pol-epoch");
+    sync_policy(&mut t, &backend_policy(true));
+    let to80 = |fin: bool| {
+        tcp(
+            CLIENT,
+            40000,
+            BACKEND,
+            80,
+            false,
+            if fin { b"x" } else { b"" },
+        )
+    };
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40010, BACKEND, 9000, true, b"")),
+        TC_ACT_OK
+    );
+    // The node probes the pod (always let in; no rule names the node).
+    let node = [192, 168, 1, 1];
+    let (v, _) = run(&t, "to_pod", &tcp(node, 50000, BACKEND, 8080, true, b""));
+    assert_eq!(v, TC_ACT_OK);
+    // The client keeps 9000 but loses 80.
+    let mut changed = backend_policy(true);
+    let class = Arc::make_mut(changed.endpoints.get_mut(&BACKEND.into()).unwrap());
+    class
+        .ingress
+        .as_mut()
+        .unwrap()
+        .insert(prefix(CLIENT, 32), allow(ports(&[(6, 9000, 9000)])));
+    sync_policy(&mut t, &changed);
+    assert_eq!(to_pod(&t, &to80(true)), TC_ACT_SHOT, "denied flow cut");
+    let (v, _) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 80, CLIENT, 40000, false, b"late"),
+    );
+    assert_eq!(v, TC_ACT_SHOT, "and its replies");
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40010, BACKEND, 9000, false, b"x")),
+        TC_ACT_OK,
+        "still-allowed flow goes on"
+    );
+    let (v, _) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 9000, CLIENT, 40010, false, b"y"),
+    );
+    assert_eq!(v, TC_ACT_OK, "its replies too");
+    let (v, _) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 8080, node, 50000, false, b"ok"),
+    );
+    assert_eq!(v, TC_ACT_OK, "replies to the node survive a policy change");
+    // Back as it was: the same tuple is allowed again.
+    sync_policy(&mut t, &backend_policy(true));
+    assert_eq!(to_pod(&t, &to80(false)), TC_ACT_OK);
+}
+
+/// Traffic to a VIP is judged on the backend it is translated to, not on the VIP: the
+/// client's egress rules name the backend.
+#[test]
+fn egress_to_a_vip_is_judged_against_the_backend() {
+    let mut t = load("pol-vip");
+    let egress = |peer: [u8; 4], port: u16| -> PolicyDesired {
+        let rules: DirectionRules = [(prefix(peer, 32), allow(ports(&[(6, port, port)])))]
+            .into_iter()
+            .collect();
+        PolicyDesired {
+            endpoints: [(
+                CLIENT.into(),
+                Arc::new(PolicyClass {
+                    ingress: None,
+                    egress: Some(rules),
+                }),
+            )]
+            .into_iter()
+            .collect(),
+            local: [CLIENT.into()].into_iter().collect(),
+            policies_in_force: 1,
+        }
+    };
+    sync_policy(&mut t, &egress(BACKEND, 9376));
+    let (v, out) = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, true, b""));
+    assert_eq!(v, TC_ACT_OK, "backend allowed");
+    assert_eq!(parse(&out).dst, BACKEND);
+    sync_policy(&mut t, &egress(VIP, 80));
+    let (v, _) = run(&t, "from_pod", &tcp(CLIENT, 40001, VIP, 80, true, b""));
+    assert_eq!(v, TC_ACT_SHOT, "allowing the VIP itself allows nothing");
+    assert_eq!(
+        verdicts(&t, CLIENT, POL_DIR_EGRESS, verdict::DENY_NO_RULE),
+        1
+    );
+}
+
+/// The policy maps are adopted on restart: the same policy rewrites nothing, and the
+/// verdicts of pods that left are forgotten.
+#[test]
+fn a_restart_adopts_the_policy_maps() {
+    let mut t = load("pol-adopt");
+    let desired = backend_policy(true);
+    let first = t.dp.as_mut().unwrap().sync_policy(&desired).unwrap();
+    assert!(
+        first.classes_added == 1 && first.entries_written > 0,
+        "{first:?}"
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    let again = t.dp.as_mut().unwrap().sync_policy(&desired).unwrap();
+    assert!(
+        !again.changed(),
+        "a restart with the same policy rewrote: {again:?}"
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, false, b"x")),
+        TC_ACT_OK
+    );
+    let mut gone = desired.clone();
+    gone.local.remove(&BACKEND.into());
+    gone.endpoints.clear();
+    let report = t.dp.as_mut().unwrap().sync_policy(&gone).unwrap();
+    assert_eq!(report.classes_removed, 1);
+    assert_eq!(
+        verdicts(&t, BACKEND, POL_DIR_INGRESS, verdict::ALLOW_RULE),
+        0
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(OTHER, 40001, BACKEND, 22, true, b"")),
+        TC_ACT_OK,
+        "no longer isolated"
     );
 }

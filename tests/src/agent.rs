@@ -168,6 +168,26 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Makes the agent re-read its manifests now (`ferrovia sync`); returns once its maps
+    /// reflect them, with the rejections the agent reports (one line per object or field).
+    pub fn sync(&self) -> Result<Vec<String>> {
+        let out = crate::cmd::run_ok(
+            std::process::Command::new(bin("ferrovia"))
+                .arg("--socket")
+                .arg(self.socket())
+                .args(["-o", "json", "sync"]),
+        )
+        .context("ferrovia sync")?;
+        let reply: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ferrovia sync output")?;
+        Ok(reply["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.as_str().map(str::to_owned))
+            .collect())
+    }
+
     /// Sends SIGTERM and waits for the exit (SIGKILL after a timeout, which is an error).
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {

@@ -99,6 +99,10 @@ pub trait PodRegistry: Send + Sync + 'static {
     fn check(&self, container_id: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
 
     fn status(&self) -> impl Future<Output = AgentStatus> + Send;
+
+    /// Re-reads the desired-state source now and returns once the maps reflect it, with the
+    /// source's current rejections (one line each).
+    fn sync(&self) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
 }
 
 /// Linux's `IFNAMSIZ` minus the terminating NUL: a longer name cannot exist.

@@ -137,6 +137,14 @@ impl<R: PodRegistry> Agent for AgentService<R> {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         Ok(Response::new(self.registry.status().await.into()))
     }
+
+    async fn sync(
+        &self,
+        _request: Request<v1::SyncRequest>,
+    ) -> Result<Response<v1::SyncResponse>, Status> {
+        let errors = self.registry.sync().await?;
+        Ok(Response::new(v1::SyncResponse { errors }))
+    }
 }
 
 fn require_container_id(id: &str) -> Result<(), Status> {

@@ -42,6 +42,10 @@ impl PodRegistry for TestRegistry {
         }
     }
 
+    async fn sync(&self) -> Result<Vec<String>, ApiError> {
+        Ok(vec!["manifests/bad.yaml: an example rejection".into()])
+    }
+
     async fn status(&self) -> AgentStatus {
         AgentStatus {
             node_name: "node-a".into(),

@@ -42,6 +42,9 @@ struct Args {
     /// Attach tc programs with `clsact/cls_bpf` even where TCX links are available.
     #[arg(long)]
     no_tcx: bool,
+    /// Enforce `networking.k8s.io/v1` `NetworkPolicy` on the pods' interfaces.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    network_policy: bool,
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
     #[arg(long, default_value_t = MapSizes::default().backends)]
@@ -50,6 +53,12 @@ struct Args {
     map_conntrack: u32,
     #[arg(long, default_value_t = MapSizes::default().affinity)]
     map_affinity: u32,
+    /// Capacity of the policy peer trie (one entry per peer prefix per policy class).
+    #[arg(long, default_value_t = MapSizes::default().policy_peers)]
+    map_policy_peers: u32,
+    /// Capacity of the policy conntrack (flows whose replies are allowed back).
+    #[arg(long, default_value_t = MapSizes::default().policy_ct)]
+    map_policy_ct: u32,
 }
 
 /// The root of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
@@ -87,6 +96,8 @@ async fn main() -> Result<()> {
         backends: args.map_backends,
         conntrack: args.map_conntrack,
         affinity: args.map_affinity,
+        policy_peers: args.map_policy_peers,
+        policy_ct: args.map_policy_ct,
         ..MapSizes::default()
     };
     let datapath = Datapath::load(DatapathConfig {
@@ -94,15 +105,23 @@ async fn main() -> Result<()> {
         socket_lb_cgroup: cgroup,
         sizes,
         prefer_tcx: !args.no_tcx,
+        network_policy: args.network_policy,
     })?;
 
     let source = Arc::new(ManifestsSource::new(&args.manifests));
-    let initial = source.reload();
+    let reload = {
+        let source = Arc::clone(&source);
+        Box::new(move || {
+            let state = source.reload();
+            let errors = source.errors().iter().map(ToString::to_string).collect();
+            (state, errors)
+        })
+    };
     let node = Arc::new(Node::new(
         args.node_name.clone(),
         &args.state_dir,
         datapath,
-        initial,
+        reload,
     )?);
     // The first full sync happens before the API socket exists: its presence means ready.
     node.resync_now().await;

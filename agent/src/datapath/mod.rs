@@ -3,6 +3,8 @@
 //! about Kubernetes semantics (that is the model's job).
 pub mod addr;
 pub mod attach;
+pub mod netns;
+pub mod policy;
 pub mod services;
 
 use std::{collections::BTreeMap, fs, path::PathBuf};
@@ -10,21 +12,22 @@ use std::{collections::BTreeMap, fs, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie},
     programs::{CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use ferrovia_common::{PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, ServiceKey, counter};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, Protocol};
+use crate::model::{Desired, Protocol, policy::PolicyDesired};
 pub use attach::TcMode;
+pub use policy::{PolicyError, PolicyReport};
 pub use services::{FrontendSpec, SyncReport, WriteError};
 
 /// The BPF object, built by `build.rs` (aya-build). Empty when built with `AYA_BUILD_SKIP=1`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrovia"));
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 14] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -32,6 +35,13 @@ pub const MAP_NAMES: [&str; 7] = [
     "SOCK_FWD",
     "SOCK_REVNAT",
     "COUNTERS",
+    "POLICY_ENDPOINTS",
+    "POLICY_PEERS",
+    "POLICY_PORTS",
+    "POLICY_STATE",
+    "POLICY_CT",
+    "POLICY_VERDICTS",
+    "POD_NETNS",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -50,6 +60,11 @@ pub struct MapSizes {
     pub affinity: u32,
     pub sock_fwd: u32,
     pub sock_revnat: u32,
+    pub policy_endpoints: u32,
+    pub policy_peers: u32,
+    pub policy_ports: u32,
+    pub policy_ct: u32,
+    pub policy_verdicts: u32,
 }
 
 impl Default for MapSizes {
@@ -61,6 +76,11 @@ impl Default for MapSizes {
             affinity: 65_536,
             sock_fwd: 65_536,
             sock_revnat: 131_072,
+            policy_endpoints: 16_384,
+            policy_peers: 262_144,
+            policy_ports: 65_536,
+            policy_ct: 131_072,
+            policy_verdicts: 65_536,
         }
     }
 }
@@ -74,6 +94,8 @@ pub struct DatapathConfig {
     pub sizes: MapSizes,
     /// Try TCX links before `clsact/cls_bpf`.
     pub prefer_tcx: bool,
+    /// Enforce `NetworkPolicy`; when off the tc programs do no policy work at all.
+    pub network_policy: bool,
 }
 
 /// A pod interface the tc programs are attached to.
@@ -88,13 +110,15 @@ pub struct Datapath {
     ebpf: Ebpf,
     cfg: DatapathConfig,
     services: services::ServiceWriter,
+    policy: policy::PolicyWriter,
+    pod_netns: HashMap<aya::maps::MapData, u64, ferrovia_common::EndpointKey>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
 }
 
 /// Named totals of the per-CPU `COUNTERS` map.
 pub type Counters = BTreeMap<&'static str, u64>;
 
-const COUNTER_NAMES: [(&str, u32); 12] = [
+const COUNTER_NAMES: [(&str, u32); 13] = [
     ("malformed", counter::MALFORMED),
     ("fragment", counter::FRAGMENT),
     ("xlate_new", counter::XLATE_NEW),
@@ -107,6 +131,7 @@ const COUNTER_NAMES: [(&str, u32); 12] = [
     ("sock_reject", counter::SOCK_REJECT),
     ("hairpin", counter::HAIRPIN),
     ("drop_xlate_error", counter::DROP_XLATE_ERROR),
+    ("drop_policy", counter::DROP_POLICY),
 ];
 
 impl Datapath {
@@ -136,7 +161,12 @@ impl Datapath {
             .map_max_entries("CONNTRACK", s.conntrack)
             .map_max_entries("AFFINITY", s.affinity)
             .map_max_entries("SOCK_FWD", s.sock_fwd)
-            .map_max_entries("SOCK_REVNAT", s.sock_revnat);
+            .map_max_entries("SOCK_REVNAT", s.sock_revnat)
+            .map_max_entries("POLICY_ENDPOINTS", s.policy_endpoints)
+            .map_max_entries("POLICY_PEERS", s.policy_peers)
+            .map_max_entries("POLICY_PORTS", s.policy_ports)
+            .map_max_entries("POLICY_CT", s.policy_ct)
+            .map_max_entries("POLICY_VERDICTS", s.policy_verdicts);
         let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
 
         for name in ["from_pod", "to_pod"] {
@@ -167,11 +197,36 @@ impl Datapath {
             cfg.sizes.backends,
         )
         .context("reading the pinned service maps")?;
-        tracing::info!(frontends = services.len(), root = %cfg.bpffs_root.display(), "data path loaded");
+        let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
+        let policy = policy::PolicyWriter::adopt(
+            policy::PolicyMaps {
+                endpoints: HashMap::try_from(take(&mut ebpf, "POLICY_ENDPOINTS")?)?,
+                peers: LpmTrie::try_from(take(&mut ebpf, "POLICY_PEERS")?)?,
+                ports: LpmTrie::try_from(take(&mut ebpf, "POLICY_PORTS")?)?,
+                state: Array::try_from(take(&mut ebpf, "POLICY_STATE")?)?,
+                verdicts: PerCpuHashMap::try_from(take(&mut ebpf, "POLICY_VERDICTS")?)?,
+            },
+            policy::PolicyCapacity {
+                endpoints: s.policy_endpoints,
+                peers: s.policy_peers,
+                ports: s.policy_ports,
+            },
+            cfg.network_policy,
+        )
+        .context("reading the pinned policy maps")?;
+        tracing::info!(
+            frontends = services.len(),
+            policy_classes = policy.len().0,
+            network_policy = cfg.network_policy,
+            root = %cfg.bpffs_root.display(),
+            "data path loaded"
+        );
         Ok(Self {
             ebpf,
             cfg,
             services,
+            policy,
+            pod_netns,
             counters,
         })
     }
@@ -179,6 +234,38 @@ impl Datapath {
     /// Writes the desired frontends. Errors name the frontends left at their previous state.
     pub fn sync(&mut self, desired: &Desired) -> (SyncReport, Vec<WriteError>) {
         self.sync_frontends(&frontend_specs(desired))
+    }
+
+    /// Writes the compiled network policy (make-before-break; on error the previous policy
+    /// stays in force).
+    pub fn sync_policy(&mut self, desired: &PolicyDesired) -> Result<PolicyReport, PolicyError> {
+        self.policy.sync(desired)
+    }
+
+    /// Records which pod a network namespace (by cookie) belongs to, for the socket hooks.
+    pub fn set_pod_netns(&mut self, cookie: u64, ip: std::net::Ipv4Addr) -> Result<()> {
+        let (addr, family) = addr::encode(ip.into());
+        self.pod_netns
+            .insert(
+                cookie,
+                ferrovia_common::EndpointKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .context("writing POD_NETNS")
+    }
+
+    /// Forgets a network namespace; an unknown cookie is not an error.
+    pub fn remove_pod_netns(&mut self, cookie: u64) {
+        let _ = self.pod_netns.remove(&cookie);
+    }
+
+    /// Policy verdicts per (pod, direction, reason): (packets, bytes), summed over CPUs.
+    pub fn policy_verdicts(&self) -> Result<policy::Verdicts> {
+        Ok(self.policy.verdicts()?)
     }
 
     /// Writes frontends given as map entries (what [`Datapath::sync`] derives from the model).
@@ -189,7 +276,22 @@ impl Datapath {
     /// Runs tc program `name` once on `packet` through `BPF_PROG_TEST_RUN`, returning the
     /// verdict and the packet as the program left it (program tests use this).
     pub fn test_run(&self, name: &str, packet: &[u8]) -> Result<(i32, Vec<u8>)> {
+        self.test_run_from(name, packet, 0)
+    }
+
+    /// [`Datapath::test_run`] with the packet's `ingress_ifindex` set, as for a packet the
+    /// node forwarded (0: one the node itself sent).
+    pub fn test_run_from(
+        &self,
+        name: &str,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<(i32, Vec<u8>)> {
         use aya::programs::{TestRun as _, TestRunOptions};
+        // struct __sk_buff up to `ifindex` (include/uapi/linux/bpf.h): only the fields
+        // BPF_PROG_TEST_RUN accepts may be non-zero; `ingress_ifindex` is at offset 36.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)
@@ -200,6 +302,7 @@ impl Datapath {
         let result = prog.test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             ..TestRunOptions::default()
         })?;
         out.truncate(result.data_size_out as usize);

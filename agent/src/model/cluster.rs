@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// The namespace and name of a namespaced object.
 ///
@@ -51,6 +52,7 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjRef, Arc<Pod>>,
     /// Namespaces are cluster-scoped: keyed by name.
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub network_policies: BTreeMap<ObjRef, Arc<NetworkPolicy>>,
 }
 
 impl ClusterState {
@@ -66,7 +68,11 @@ impl ClusterState {
     /// How many objects the snapshot holds, all kinds together.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.services.len() + self.endpoint_slices.len() + self.pods.len() + self.namespaces.len()
+        self.services.len()
+            + self.endpoint_slices.len()
+            + self.pods.len()
+            + self.namespaces.len()
+            + self.network_policies.len()
     }
 
     #[must_use]

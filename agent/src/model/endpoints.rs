@@ -192,7 +192,7 @@ fn matches_selector(pod: &Pod, selector: &BTreeMap<String, String>) -> bool {
 }
 
 /// Succeeded or Failed: the pod will never serve again.
-fn is_terminal(pod: &Pod) -> bool {
+pub(crate) fn is_terminal(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))
 }
@@ -208,7 +208,7 @@ fn is_ready(pod: &Pod) -> bool {
 
 /// The pod's first IP of the wanted family: from its status when the manifest has one
 /// (`podIPs`, else `podIP`, as the controller reads them), else from the CNI registration.
-fn pod_ip(pod: &Pod, key: &ObjRef, pod_ips: &PodIps, ipv4: bool) -> Option<IpAddr> {
+pub(crate) fn pod_ip(pod: &Pod, key: &ObjRef, pod_ips: &PodIps, ipv4: bool) -> Option<IpAddr> {
     let status = pod.status.as_ref();
     let mut listed: Vec<&str> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -245,25 +245,34 @@ fn target_port(port: &ServicePort, pod: &Pod, protocol: Protocol) -> Option<u16>
         None => port.port,
         Some(IntOrString::Int(n)) => *n,
         Some(IntOrString::String(name)) => {
-            let spec = pod.spec.as_ref()?;
-            let sidecars = spec
-                .init_containers
-                .iter()
-                .flatten()
-                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-            spec.containers
-                .iter()
-                .chain(sidecars)
-                .find_map(|c| named_port(c, name, protocol))?
+            return named_container_port(pod, name, protocol.as_k8s());
         }
     };
     u16::try_from(number).ok().filter(|&n| n != 0)
 }
 
-fn named_port(container: &Container, name: &str, protocol: Protocol) -> Option<i32> {
+/// The pod's container port named `name` for `protocol` (`"TCP"`, `"UDP"`, `"SCTP"`), as
+/// `FindPort` upstream: regular containers, then sidecars (init containers with
+/// `restartPolicy: Always`).
+pub(crate) fn named_container_port(pod: &Pod, name: &str, protocol: &str) -> Option<u16> {
+    let spec = pod.spec.as_ref()?;
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    let number = spec
+        .containers
+        .iter()
+        .chain(sidecars)
+        .find_map(|c| named_port(c, name, protocol))?;
+    u16::try_from(number).ok().filter(|&n| n != 0)
+}
+
+fn named_port(container: &Container, name: &str, protocol: &str) -> Option<i32> {
     container.ports.iter().flatten().find_map(|p| {
-        let same = p.name.as_deref() == Some(name)
-            && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_k8s();
+        let same =
+            p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == protocol;
         same.then_some(p.container_port)
     })
 }

@@ -6,12 +6,16 @@
 //! - [`frontend`]: the output ([`Desired`], [`FrontendKey`], [`Frontend`], [`Protocol`]).
 //! - [`compute`](mod@compute): service → frontends (VIPs × ports, affinity).
 //! - [`endpoints`]: endpoints from pods or `EndpointSlice`s, and kube-proxy's selection.
+//! - [`policy`]: `NetworkPolicy` → per-pod policy classes (peer prefixes → port sets).
 
 pub mod cluster;
 pub mod compute;
 pub mod endpoints;
 pub mod frontend;
+pub mod policy;
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,6 +28,7 @@ pub enum Kind {
     EndpointSlice,
     Pod,
     Namespace,
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(Self::EndpointSlice),
             ("v1", "Pod") => Some(Self::Pod),
             ("v1", "Namespace") => Some(Self::Namespace),
+            ("networking.k8s.io/v1", "NetworkPolicy") => Some(Self::NetworkPolicy),
             _ => None,
         }
     }
@@ -48,8 +51,6 @@ impl Kind {
 /// Real Kubernetes kinds that a manifests directory may hold but ferrovia does not read yet:
 /// they are skipped with a debug log rather than rejected.
 const IGNORED_KINDS: &[(&str, &str)] = &[
-    // Network policy compilation is a later issue.
-    ("networking.k8s.io/v1", "NetworkPolicy"),
     // Nodes matter for NodePort frontends, a later issue.
     ("v1", "Node"),
 ];
@@ -79,6 +80,7 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     Pod(Arc<Pod>),
     Namespace(Arc<Namespace>),
+    NetworkPolicy(Arc<NetworkPolicy>),
 }
 
 /// What became of one document.
@@ -201,6 +203,8 @@ pub fn decode(file: &Path, document: usize, value: &Value) -> Decoded {
         Kind::Namespace => {
             typed(value, "", |_: &Namespace| Vec::new()).map(|o| Object::Namespace(Arc::new(o)))
         }
+        Kind::NetworkPolicy => typed(value, &namespace, validate::network_policy)
+            .map(|o| Object::NetworkPolicy(Arc::new(o))),
     };
     let mut problems = match decoded {
         Ok(object) => match identity {
@@ -226,8 +230,8 @@ pub fn decode(file: &Path, document: usize, value: &Value) -> Decoded {
 }
 
 fn unknown_kind(api_version: &str, kind: &str) -> (&'static str, String) {
-    const READ: &str =
-        "ferrovia reads v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod and v1 Namespace";
+    const READ: &str = "ferrovia reads v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Pod, \
+        v1 Namespace and networking.k8s.io/v1 NetworkPolicy";
     match (api_version, kind) {
         (_, "") => ("kind", "required".to_owned()),
         ("", _) => ("apiVersion", "required".to_owned()),
@@ -236,7 +240,7 @@ fn unknown_kind(api_version: &str, kind: &str) -> (&'static str, String) {
             "kind",
             "v1 Endpoints is not read: write a discovery.k8s.io/v1 EndpointSlice".to_owned(),
         ),
-        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace") => (
+        (_, "Service" | "EndpointSlice" | "Pod" | "Namespace" | "NetworkPolicy") => (
             "apiVersion",
             format!("{api_version} {kind} is not supported: {READ}"),
         ),

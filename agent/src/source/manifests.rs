@@ -26,7 +26,7 @@ pub const MAX_DELAY: Duration = Duration::from_millis(200);
 /// Reads every `*.yaml`/`*.yml` file directly in the directory (not in subdirectories; hidden
 /// files are skipped, symlinks followed, so a mounted `ConfigMap` works), each with any number of
 /// `---`-separated documents of kind `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`,
-/// `v1 Pod` or `v1 Namespace`.
+/// `v1 Pod`, `v1 Namespace` or `networking.k8s.io/v1 NetworkPolicy`.
 ///
 /// Keeps the last good state: a file that cannot be read or parsed keeps contributing the
 /// objects it had at its last good load, an invalid object keeps its previous valid version (if
@@ -281,6 +281,7 @@ fn same_objects(a: &ClusterState, b: &ClusterState) -> bool {
         && same(&a.endpoint_slices, &b.endpoint_slices)
         && same(&a.pods, &b.pods)
         && same(&a.namespaces, &b.namespaces)
+        && same(&a.network_policies, &b.network_policies)
 }
 
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -367,6 +368,11 @@ fn previous_version(state: &ClusterState, id: &Identity) -> Option<Object> {
             .get(&id.key.name)
             .cloned()
             .map(Object::Namespace),
+        Kind::NetworkPolicy => state
+            .network_policies
+            .get(&id.key)
+            .cloned()
+            .map(Object::NetworkPolicy),
     }
 }
 
@@ -398,6 +404,9 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Entry>>, errors: &mut Vec<ManifestError>)
                 Object::EndpointSlice(o) => drop(state.endpoint_slices.insert(key, Arc::clone(o))),
                 Object::Pod(o) => drop(state.pods.insert(key, Arc::clone(o))),
                 Object::Namespace(o) => drop(state.namespaces.insert(key.name, Arc::clone(o))),
+                Object::NetworkPolicy(o) => {
+                    drop(state.network_policies.insert(key, Arc::clone(o)));
+                }
             }
         }
     }

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
 use super::*;
 use crate::model::ObjRef;
 
@@ -67,7 +69,7 @@ endpoints: [{{addresses: [192.168.1.1]}}]
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata: {{name: later}}
+metadata: {{name: all}}
 spec: {{podSelector: {{}}}}
 "
         ),
@@ -95,7 +97,12 @@ spec: {{podSelector: {{}}}}
             .contains_key(&ObjRef::new("default", "ext-1"))
     );
     assert!(state.namespaces.contains_key("shop"));
-    assert_eq!(state.len(), 5);
+    assert!(
+        state
+            .network_policies
+            .contains_key(&ObjRef::new("default", "all"))
+    );
+    assert_eq!(state.len(), 6);
 }
 
 /// Loads a one-document file `x.yaml` and returns its only error.
@@ -123,6 +130,12 @@ fn slice_with(body: &str) -> String {
 
 fn pod_with(body: &str) -> String {
     format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n{body}")
+}
+
+fn policy_with(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: shop}}\nspec:\n{spec}"
+    )
 }
 
 #[test]
@@ -201,6 +214,11 @@ fn each_invalid_case_names_object_and_field() {
         ),
         ("apiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\n".to_owned(), "Endpoints e", "kind", "EndpointSlice"),
     ];
+    assert_only_errors(cases);
+}
+
+/// Each `(document, object, field, message)` is rejected with exactly that one error.
+fn assert_only_errors(cases: &[(String, &str, &str, &str)]) {
     for (doc, object, field, message) in cases {
         let e = only_error(doc);
         assert_eq!(e.document, Some(1), "{e}");
@@ -208,6 +226,115 @@ fn each_invalid_case_names_object_and_field() {
         assert_eq!(e.field.as_deref(), Some(*field), "{e}");
         assert!(e.message.contains(message), "{e} should say {message:?}");
     }
+}
+
+const POLICY: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector:
+    matchLabels: {app.kubernetes.io/name: web}
+    matchExpressions:
+    - {key: tier, operator: In, values: [frontend, edge]}
+    - {key: example.com/canary, operator: NotIn, values: ['true', '']}
+    - {key: app, operator: Exists}
+    - {key: legacy, operator: DoesNotExist}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector: {matchLabels: {app: db}}
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}
+    - podSelector: {matchLabels: {app: cache}}
+      namespaceSelector: {}
+    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.2.3.4/32]}
+    - ipBlock: {cidr: 'fd00::/64', except: ['fd00::/96']}
+    - ipBlock: {cidr: 192.168.1.7/24}  # host bits set: accepted, as older API servers do
+    ports:
+    - {port: 5432}
+    - {protocol: UDP, port: dns}
+    - {protocol: SCTP, port: 30000, endPort: 32767}
+    - {protocol: TCP}
+";
+
+#[test]
+fn network_policies_decode_with_every_rule_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "policy.yaml",
+        &format!(
+            "{POLICY}---\n{}",
+            policy_with(
+                "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{namespaceSelector: {}}]\n    ports: [{port: http}]\n  - {}\n"
+            )
+        ),
+    );
+    let (state, errors) = load_dir(dir.path());
+    assert_eq!(errors, []);
+    assert_eq!(state.len(), 2);
+    let policy = &state.network_policies[&ObjRef::new("shop", "web")];
+    assert_eq!(policy.metadata.namespace.as_deref(), Some("shop"));
+    let spec = policy.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Egress".to_owned()][..])
+    );
+    let rule = &spec.egress.as_ref().unwrap()[0];
+    assert_eq!(rule.to.as_ref().unwrap().len(), 6);
+    let ports = rule.ports.as_ref().unwrap();
+    assert_eq!(ports[2].end_port, Some(32767));
+    assert_eq!(ports[1].port, Some(IntOrString::String("dns".into())));
+    assert!(
+        state
+            .network_policies
+            .contains_key(&ObjRef::new("shop", "np"))
+    );
+}
+
+#[test]
+fn each_invalid_network_policy_names_object_and_field() {
+    let np = "NetworkPolicy shop/np";
+    let from = |peer: &str| policy_with(&format!("  ingress: [{{from: [{peer}]}}]\n"));
+    let to = |peer: &str| policy_with(&format!("  egress: [{{to: [{peer}]}}]\n"));
+    let ports =
+        |port: &str| policy_with(&format!("  ingress: [{{ports: [{{port: 80}}, {port}]}}]\n"));
+    let pods = |selector: &str| policy_with(&format!("  podSelector: {selector}\n"));
+    // One line per case: what is wrong, where, and what the error says.
+    #[rustfmt::skip]
+    let cases: &[(String, &str, &str, &str)] = &[
+        (from("{ipBlock: {cidr: 10.0.0.0/33}}"), np, "spec.ingress[0].from[0].ipBlock.cidr", "\"10.0.0.0/33\" is not a valid CIDR"),
+        (from("{ipBlock: {cidr: 10.0.0.1}}"), np, "spec.ingress[0].from[0].ipBlock.cidr", "not a valid CIDR"),
+        (from("{ipBlock: {except: [10.0.0.0/24]}}"), np, "spec.ingress[0].from[0].ipBlock.cidr", "required"),
+        (from("{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.0.0/99]}}"), np, "spec.ingress[0].from[0].ipBlock.except[0]", "not a valid CIDR"),
+        (to("{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/16]}}"), np, "spec.egress[0].to[0].ipBlock.except[0]", "\"10.1.0.0/16\" is not a strict subset of cidr \"10.0.0.0/16\""),
+        (to("{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24, 10.0.0.0/16]}}"), np, "spec.egress[0].to[0].ipBlock.except[1]", "strict subset"),
+        (to("{ipBlock: {cidr: 10.0.0.0/16, except: ['fd00::/64']}}"), np, "spec.egress[0].to[0].ipBlock.except[0]", "same IP family"),
+        (ports("{port: 8080, endPort: 8000}"), np, "spec.ingress[0].ports[1].endPort", "8000 is out of range 8080..=65535"),
+        (ports("{port: 8080, endPort: 65536}"), np, "spec.ingress[0].ports[1].endPort", "out of range 8080..=65535"),
+        (ports("{port: http, endPort: 8000}"), np, "spec.ingress[0].ports[1].endPort", "named port"),
+        (ports("{endPort: 8000}"), np, "spec.ingress[0].ports[1].endPort", "requires port"),
+        (ports("{protocol: ICMP}"), np, "spec.ingress[0].ports[1].protocol", "TCP, UDP, SCTP"),
+        (ports("{port: 70000}"), np, "spec.ingress[0].ports[1].port", "out of range"),
+        (ports("{port: Http_Port}"), np, "spec.ingress[0].ports[1].port", "IANA_SVC_NAME"),
+        (pods("{matchExpressions: [{key: app, operator: Equals, values: [web]}]}"), np, "spec.podSelector.matchExpressions[0].operator", "\"Equals\" is not one of In, NotIn, Exists, DoesNotExist"),
+        (pods("{matchExpressions: [{key: app, operator: In}]}"), np, "spec.podSelector.matchExpressions[0].values", "required"),
+        (pods("{matchExpressions: [{key: app, operator: NotIn, values: []}]}"), np, "spec.podSelector.matchExpressions[0].values", "required"),
+        (pods("{matchExpressions: [{key: app, operator: Exists, values: [web]}]}"), np, "spec.podSelector.matchExpressions[0].values", "must be empty"),
+        (pods("{matchExpressions: [{key: app, operator: In, values: [web, -bad]}]}"), np, "spec.podSelector.matchExpressions[0].values[1]", "not a valid label value"),
+        (pods("{matchLabels: {'Bad Key': web}}"), np, "spec.podSelector.matchLabels[Bad Key]", "\"Bad Key\" is not a valid label key"),
+        (pods("{matchLabels: {app: web!}}"), np, "spec.podSelector.matchLabels[app]", "not a valid label value"),
+        (from("{namespaceSelector: {matchExpressions: [{key: Example.com/team, operator: Exists}]}}"), np, "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].key", "not a valid label key"),
+        (from("{podSelector: {matchLabels: {a/b/c: x}}}"), np, "spec.ingress[0].from[0].podSelector.matchLabels[a/b/c]", "not a valid label key"),
+        (from("{podSelector: {}}, {}"), np, "spec.ingress[0].from[1]", "must specify a peer"),
+        (to("{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}"), np, "spec.egress[0].to[0]", "may not be combined"),
+        (policy_with("  policyTypes: [Ingress, Both]\n"), np, "spec.policyTypes[1]", "\"Both\" is not one of Ingress, Egress"),
+        (policy_with("  policyTypes: [Egress, Egress]\n"), np, "spec.policyTypes[1]", "duplicate \"Egress\""),
+        (policy_with("  policyTypes: [Ingress, Egress, Ingress]\n"), np, "spec.policyTypes", "at most Ingress and Egress"),
+        (policy_with("  ingres: []\n"), np, "spec.ingres", "unknown field"),
+        (policy_with("  podSelector: {}\n").replace("networking.k8s.io/v1", "extensions/v1beta1"), "NetworkPolicy np", "apiVersion", "networking.k8s.io/v1 NetworkPolicy"),
+    ];
+    assert_only_errors(cases);
 }
 
 #[test]
@@ -305,6 +432,49 @@ fn last_good_state_is_kept() {
         ["hostnames"]
     );
     assert_eq!(source.errors(), []);
+}
+
+#[test]
+fn last_good_network_policy_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = ManifestsSource::new(dir.path());
+    let web = ObjRef::new("shop", "web");
+    let first_port = |state: &ClusterState| {
+        let spec = state.network_policies[&web].spec.clone().unwrap();
+        spec.egress.unwrap()[0].ports.clone().unwrap()[0]
+            .port
+            .clone()
+    };
+    write(dir.path(), "policy.yaml", POLICY);
+    let state = source.reload();
+    assert_eq!(source.errors(), []);
+    let valid = Arc::clone(&state.network_policies[&web]);
+
+    // Edited to invalid: the previous version stays, and the error names object and field.
+    write(
+        dir.path(),
+        "policy.yaml",
+        &POLICY.replace("10.1.0.0/16", "11.0.0.0/16"),
+    );
+    let state = source.reload();
+    assert!(Arc::ptr_eq(&state.network_policies[&web], &valid));
+    let errors = source.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].object.as_deref(), Some("NetworkPolicy shop/web"));
+    assert_eq!(
+        errors[0].field.as_deref(),
+        Some("spec.egress[0].to[3].ipBlock.except[0]")
+    );
+
+    // Fixed with a change: the new version is published.
+    write(
+        dir.path(),
+        "policy.yaml",
+        &POLICY.replace("port: 5432", "port: 5433"),
+    );
+    let state = source.reload();
+    assert_eq!(source.errors(), []);
+    assert_eq!(first_port(&state), Some(IntOrString::Int(5433)));
 }
 
 #[test]

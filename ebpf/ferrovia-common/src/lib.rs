@@ -168,6 +168,174 @@ pub struct SockRevNatValue {
     pub service_id: u32,
 }
 
+// ---- NetworkPolicy -------------------------------------------------------------------------
+//
+// The agent compiles the policies that select each local pod into a *class* (pods whose
+// compiled rules are equal share one): per direction, a longest-prefix-match trie from peer
+// address to a *port set*, and a trie from (port set, protocol, port) to "allowed". A packet
+// costs one endpoint lookup and two trie lookups, whatever the number of policies or rules.
+
+/// Key of the `POLICY_ENDPOINTS` map: a local pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EndpointKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Some policy selects the pod for ingress: only what a rule allows may enter.
+pub const POL_ISOLATED_INGRESS: u32 = 1;
+/// Some policy selects the pod for egress: only what a rule allows may leave.
+pub const POL_ISOLATED_EGRESS: u32 = 2;
+
+/// Value of `POLICY_ENDPOINTS`: the pod's policy class and isolation flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointPolicy {
+    pub class_id: u32,
+    pub flags: u32,
+}
+
+/// Direction of a policy rule, as seen from the pod the policy selects.
+pub const POL_DIR_INGRESS: u8 = 0;
+pub const POL_DIR_EGRESS: u8 = 1;
+
+/// Data of a `POLICY_PEERS` trie key (after the kernel's `prefixlen`): the class and direction
+/// are always matched whole ([`PEER_KEY_FIXED_BITS`]), the address by prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PolicyPeerKey {
+    pub class_id: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: u16,
+    pub addr: Addr,
+}
+
+/// Bits of [`PolicyPeerKey`] before the address.
+pub const PEER_KEY_FIXED_BITS: u32 = 64;
+
+/// Value of `POLICY_PEERS`: the ports this peer may use (`portset_id` 0: none) and, when
+/// none, why (a `verdict::DENY_*`), so a drop can be explained.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyPeerValue {
+    pub portset_id: u32,
+    pub reason: u32,
+}
+
+/// Data of a `POLICY_PORTS` trie key. Prefix lengths: [`PORT_KEY_ANY_PROTO_BITS`] matches
+/// every protocol and port (a rule without `ports`), [`PORT_KEY_PROTO_BITS`] every port of
+/// one protocol, [`PORT_KEY_FIXED_BITS`] + k a port range aligned on k bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PolicyPortKey {
+    pub portset_id: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Port in network byte order, so that the trie's byte-wise prefixes are port ranges.
+    pub port: u16,
+}
+
+pub const PORT_KEY_ANY_PROTO_BITS: u32 = 32;
+pub const PORT_KEY_PROTO_BITS: u32 = 40;
+pub const PORT_KEY_FIXED_BITS: u32 = 48;
+
+/// Value of `POLICY_STATE[0]`, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyState {
+    /// Bumped after every change of the policy maps: a flow judged under an older epoch is
+    /// judged again on its next packet (a connection that became denied is cut).
+    pub epoch: u32,
+    /// 0: enforcement off (no policy work at all per packet).
+    pub enabled: u32,
+}
+
+/// `POLICY_CT` directions: where a flow was allowed, at the pod that sent it (egress) or at
+/// the pod that received it (ingress). Keys are [`CtKey`] with `dir` set to one of these.
+pub const POL_CT_EGRESS: u8 = 2;
+pub const POL_CT_INGRESS: u8 = 3;
+/// `PolicyCtValue::flags`: the flow came from the node itself, which is always allowed in, so
+/// judging it again after a policy change must allow it too.
+pub const POL_CT_FLAG_HOST: u16 = 4;
+
+/// Value of `POLICY_CT`: a flow allowed at one pod's interface, whose replies are allowed back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyCtValue {
+    /// [`PolicyState::epoch`] when the flow was last judged.
+    pub epoch: u32,
+    /// `CT_FLAG_CLOSING` once a FIN/RST was seen; `POL_CT_FLAG_HOST`.
+    pub flags: u16,
+    pub _pad: u16,
+    pub last_seen_ns: u64,
+}
+
+/// Key of the per-CPU `POLICY_VERDICTS` map: a local pod, a direction, a verdict reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct VerdictKey {
+    pub addr: Addr,
+    pub family: u8,
+    /// `POL_DIR_INGRESS` (packets to the pod) or `POL_DIR_EGRESS` (from the pod).
+    pub dir: u8,
+    pub reason: u8,
+    pub _pad: u8,
+}
+
+/// Value of `POLICY_VERDICTS`: packets and bytes (L3, from the IP header on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VerdictValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a packet was allowed or denied (the `reason` of a [`VerdictKey`]).
+pub mod verdict {
+    /// The pod is not isolated in this direction.
+    pub const ALLOW_NOT_ISOLATED: u8 = 0;
+    /// A rule allows the peer and port (a new flow, or one judged again after a change).
+    pub const ALLOW_RULE: u8 = 1;
+    /// A packet of a flow allowed earlier, under the current policies.
+    pub const ALLOW_ESTABLISHED: u8 = 2;
+    /// A reply of a flow allowed in the other direction.
+    pub const ALLOW_REPLY: u8 = 3;
+    /// From the node itself (always allowed, as upstream documents).
+    pub const ALLOW_HOST: u8 = 4;
+    /// Isolated and no rule selects the peer ("denied by default").
+    pub const DENY_NO_RULE: u8 = 5;
+    /// The peer is inside an ipBlock's `except` and no other rule selects it.
+    pub const DENY_EXCEPT: u8 = 6;
+    /// Rules select the peer, but not for this protocol and port.
+    pub const DENY_PORT: u8 = 7;
+    pub const COUNT: u8 = 8;
+
+    /// Whether `reason` lets the packet through.
+    #[must_use]
+    pub const fn allows(reason: u8) -> bool {
+        reason < DENY_NO_RULE
+    }
+
+    /// The reason's name in metrics and logs.
+    #[must_use]
+    pub const fn name(reason: u8) -> &'static str {
+        match reason {
+            ALLOW_NOT_ISOLATED => "allowed-not-isolated",
+            ALLOW_RULE => "allowed-by-rule",
+            ALLOW_ESTABLISHED => "allowed-established",
+            ALLOW_REPLY => "allowed-reply",
+            ALLOW_HOST => "allowed-from-node",
+            DENY_NO_RULE => "denied-by-default",
+            DENY_EXCEPT => "denied-by-except",
+            DENY_PORT => "denied-by-port",
+            _ => "unknown",
+        }
+    }
+}
+
 /// Indices of the per-CPU `COUNTERS` array: one named reason per verdict of the data path.
 pub mod counter {
     /// Packets whose headers could not be parsed (truncated, bad IHL/length); passed untouched.
@@ -194,6 +362,8 @@ pub mod counter {
     pub const HAIRPIN: u32 = 10;
     /// A translation failed half-way (a helper refused a write); dropped rather than sent on.
     pub const DROP_XLATE_ERROR: u32 = 11;
+    /// Packets dropped by network policy (per pod and reason in `POLICY_VERDICTS`).
+    pub const DROP_POLICY: u32 = 12;
     pub const COUNT: u32 = 16;
 }
 
@@ -210,6 +380,15 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockFwdValue {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointPolicy {}
+    unsafe impl aya::Pod for super::PolicyPeerKey {}
+    unsafe impl aya::Pod for super::PolicyPeerValue {}
+    unsafe impl aya::Pod for super::PolicyPortKey {}
+    unsafe impl aya::Pod for super::PolicyState {}
+    unsafe impl aya::Pod for super::PolicyCtValue {}
+    unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::VerdictValue {}
 }
 
 #[cfg(test)]
@@ -230,5 +409,14 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 32);
         assert_eq!(size_of::<SockFwdValue>(), 8);
         assert_eq!(size_of::<SockRevNatValue>(), 24);
+        assert_eq!(size_of::<EndpointKey>(), 20);
+        assert_eq!(size_of::<EndpointPolicy>(), 8);
+        assert_eq!(size_of::<PolicyPeerKey>(), 24);
+        assert_eq!(size_of::<PolicyPeerValue>(), 8);
+        assert_eq!(size_of::<PolicyPortKey>(), 8);
+        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<PolicyCtValue>(), 16);
+        assert_eq!(size_of::<VerdictKey>(), 20);
+        assert_eq!(size_of::<VerdictValue>(), 16);
     }
 }

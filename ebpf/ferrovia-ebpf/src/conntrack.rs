@@ -13,8 +13,23 @@ use crate::{
         IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce,
         set_addr, set_port,
     },
+    policy::{Flow, Gate},
     reject,
 };
+
+/// A packet policy dropped: silently, as upstream expects (counted by the gate).
+const DENIED: Result<i32, i64> = Ok(aya_ebpf::bindings::TC_ACT_SHOT);
+
+/// The egress judgement of a pod's packet towards `server`: a hairpin (the pod reaching
+/// itself) is judged whole here, both directions.
+#[inline(always)]
+fn allowed(ctx: &mut TcContext, gate: &Gate, flow: &Flow, hairpin: bool) -> bool {
+    if hairpin {
+        gate.hairpin(ctx, flow)
+    } else {
+        gate.egress(flow)
+    }
+}
 
 /// The clock, read only where an entry is touched: most packets of a pod match no entry,
 /// and reading the clock is not free (a VM's clock source can cost tens of ns).
@@ -42,21 +57,39 @@ fn ct_key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
 /// cache lines quiet) and noting a FIN/RST so a closed connection is forgotten soon.
 #[inline(always)]
 fn alive(entry: &mut CtValue, pkt: &Ipv4Packet, now: u64) -> bool {
-    let timeout = if entry.flags & CT_FLAG_CLOSING != 0 {
+    still_alive(
+        &mut entry.flags,
+        &mut entry.last_seen_ns,
+        pkt.proto,
+        pkt.tcp_flags,
+        now,
+    )
+}
+
+/// [`alive`] on the fields every conntrack value has (the policy conntrack's too).
+#[inline(always)]
+pub fn still_alive(
+    flags: &mut u16,
+    last_seen_ns: &mut u64,
+    proto: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> bool {
+    let timeout = if *flags & CT_FLAG_CLOSING != 0 {
         CT_TIMEOUT_CLOSING_NS
-    } else if pkt.proto == PROTO_TCP {
+    } else if proto == PROTO_TCP {
         CT_TIMEOUT_TCP_NS
     } else {
         CT_TIMEOUT_UDP_NS
     };
-    if now.wrapping_sub(entry.last_seen_ns) > timeout {
+    if now.wrapping_sub(*last_seen_ns) > timeout {
         return false;
     }
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        entry.flags |= CT_FLAG_CLOSING;
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        *flags |= CT_FLAG_CLOSING;
     }
-    if now.wrapping_sub(entry.last_seen_ns) > 1_000_000_000 {
-        entry.last_seen_ns = now;
+    if now.wrapping_sub(*last_seen_ns) > 1_000_000_000 {
+        *last_seen_ns = now;
     }
     true
 }
@@ -94,27 +127,31 @@ fn xlate_in(
     Ok(TC_ACT_OK)
 }
 
-/// A reply of a translated connection, in either hook: reverse NAT when the tuple is known.
+/// The reverse-NAT entry of a reply of a translated connection, if the tuple is known.
 #[inline(always)]
-pub fn reply(
-    ctx: &mut TcContext,
-    pkt: &Ipv4Packet,
-    bounce_hairpin: bool,
-) -> Option<Result<i32, i64>> {
+fn reply_entry(pkt: &Ipv4Packet) -> Option<&'static mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_DIR_IN))?;
     // SAFETY: valid map value; racing writers only touch age and flags.
     let entry = unsafe { &mut *entry };
-    if !alive(entry, pkt, now_ns()) {
-        return None;
-    }
+    alive(entry, pkt, now_ns()).then_some(entry)
+}
+
+/// A reply of a translated connection arriving at the client pod: reverse NAT when the tuple
+/// is known (policy has judged the packet as it came, before).
+#[inline(always)]
+pub fn to_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
+    let Some(entry) = reply_entry(pkt) else {
+        return Ok(TC_ACT_OK);
+    };
     count(counter::XLATE_CT);
-    Some(xlate_in(ctx, pkt, entry, bounce_hairpin))
+    xlate_in(ctx, pkt, entry, false)
 }
 
 /// A packet leaving a pod: an established translated flow, a reply of one (the pod is the
-/// backend), or the first packet of a new connection to a VIP.
+/// backend), or the first packet of a new connection to a VIP. Policy judges each with the
+/// real addresses: the client's own and the backend's, never the VIP.
 #[inline(always)]
-pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
+pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i32, i64> {
     let out_key = ct_key(pkt, CT_DIR_OUT);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&out_key) {
         // SAFETY: valid map value; racing writers only touch age and flags.
@@ -129,12 +166,22 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         if alive(entry, pkt, now)
             && (keeps_backend || live_backend(entry.backend_id, entry.service_id).is_some())
         {
+            let flow = Flow::to(pkt, entry.xlate_addr[0], entry.xlate_port);
+            if !allowed(ctx, gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
+                return DENIED;
+            }
             count(counter::XLATE_CT);
             return xlate_out(ctx, pkt, entry);
         }
     }
-    if let Some(verdict) = reply(ctx, pkt, true) {
-        return verdict;
+    if let Some(entry) = reply_entry(pkt) {
+        // The pod answers as a backend; its real peer is the original client.
+        let flow = Flow::to(pkt, entry.peer_addr[0], pkt.dport);
+        if !allowed(ctx, gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
+            return DENIED;
+        }
+        count(counter::XLATE_CT);
+        return xlate_in(ctx, pkt, entry, true);
     }
     let frontend = ServiceKey {
         addr: pkt.dst(),
@@ -145,7 +192,11 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         _pad: 0,
     };
     let Some(service) = lookup_service(&frontend) else {
-        return Ok(TC_ACT_OK);
+        return if gate.egress(&Flow::of(pkt)) {
+            Ok(TC_ACT_OK)
+        } else {
+            DENIED
+        };
     };
     let client = AffinityKey {
         client: pkt.src(),
@@ -157,6 +208,14 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
         return reject::no_endpoints(ctx, pkt);
     };
     let hairpin = backend.addr[0] == pkt.saddr;
+    if !allowed(
+        ctx,
+        gate,
+        &Flow::to(pkt, backend.addr[0], backend.port),
+        hairpin,
+    ) {
+        return DENIED;
+    }
     let source = if hairpin { pkt.daddr } else { pkt.saddr };
     let mut flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

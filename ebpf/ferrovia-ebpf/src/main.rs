@@ -2,7 +2,8 @@
 //! verdict in one place.
 //!
 //! - `from_pod` / `to_pod`: tc on a pod's host-side interface (its ingress / egress), the
-//!   per-packet service translation with conntrack and reverse NAT.
+//!   per-packet service translation with conntrack and reverse NAT, and NetworkPolicy: the
+//!   pod's egress rules in `from_pod`, its ingress rules in `to_pod`.
 //! - `sock4_*`: cgroup v2 sock_addr hooks, socket-level service translation.
 #![no_std]
 #![no_main]
@@ -11,6 +12,7 @@ mod conntrack;
 mod lb;
 mod maps;
 mod packet;
+mod policy;
 mod reject;
 mod sock;
 
@@ -21,13 +23,24 @@ use aya_ebpf::{
 };
 use ferrovia_common::counter;
 
-use crate::maps::count;
+use crate::{
+    maps::count,
+    policy::{Flow, Gate},
+};
 
-/// Packets from the pod (tc ingress of its host-side interface).
+/// Packets from the pod (tc ingress of its host-side interface): service translation, then
+/// the pod's egress policy on the translated flow.
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
     let result = match packet::parse_ipv4(&ctx) {
-        Ok(pkt) => conntrack::from_pod(&mut ctx, &pkt),
+        Ok(pkt) => {
+            let gate = Gate::current(&pkt);
+            if pkt.translatable {
+                conntrack::from_pod(&mut ctx, &pkt, &gate)
+            } else {
+                Ok(pass_if(gate.egress(&Flow::of(&pkt))))
+            }
+        }
         Err(skip) => {
             packet::count_skip(&skip);
             Ok(TC_ACT_OK as i32)
@@ -36,17 +49,44 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     verdict(result)
 }
 
-/// Packets to the pod (tc egress of its host-side interface): reverse NAT of replies.
+/// Packets to the pod (tc egress of its host-side interface): the pod's ingress policy on the
+/// packet as it came, then reverse NAT of replies.
 #[classifier]
 pub fn to_pod(mut ctx: TcContext) -> i32 {
     let result = match packet::parse_ipv4(&ctx) {
-        Ok(pkt) => conntrack::reply(&mut ctx, &pkt, false).unwrap_or(Ok(TC_ACT_OK as i32)),
+        Ok(pkt) => {
+            // SAFETY: plain reads of our own skb.
+            let (mark, ingress_ifindex) =
+                unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
+            let judged = mark == policy::MARK_JUDGED;
+            if judged {
+                ctx.set_mark(0);
+            }
+            // A packet the node itself sent has not come in through any interface.
+            let from_host = ingress_ifindex == 0;
+            if !judged && !Gate::current(&pkt).ingress(&Flow::of(&pkt), from_host) {
+                Ok(TC_ACT_SHOT as i32)
+            } else if pkt.translatable {
+                conntrack::to_pod(&mut ctx, &pkt)
+            } else {
+                Ok(TC_ACT_OK as i32)
+            }
+        }
         Err(skip) => {
             packet::count_skip(&skip);
             Ok(TC_ACT_OK as i32)
         }
     };
     verdict(result)
+}
+
+#[inline(always)]
+fn pass_if(allowed: bool) -> i32 {
+    if allowed {
+        TC_ACT_OK as i32
+    } else {
+        TC_ACT_SHOT as i32
+    }
 }
 
 /// A packet whose rewrite failed half-way is dropped (and counted) rather than sent on.

@@ -4,12 +4,13 @@
 //! configuration at load time. Names stay under 15 characters: the kernel
 //! truncates longer ones in `bpftool map show`.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use ferrovia_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, SockFwdValue,
-    SockKey, SockRevNatValue, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy,
+    PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey, PolicyState, ServiceKey,
+    ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey, VerdictValue, counter,
 };
 
 /// Frontend (VIP, port, protocol, slot) → service (slot 0) or backend id (slots 1..=n).
@@ -39,6 +40,38 @@ pub static SOCK_FWD: LruHashMap<SockKey, SockFwdValue, 65_536> = LruHashMap::new
 /// getpeername. Written by the connect/sendmsg hooks.
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<SockKey, SockRevNatValue, 131_072> = LruHashMap::new();
+
+/// Local pod address → its policy class and isolation flags. Written by the agent (a pod's
+/// class entries before its endpoint entry; the endpoint entry before the old class goes).
+#[btf_map]
+pub static POLICY_ENDPOINTS: HashMap<EndpointKey, EndpointPolicy, 16_384> = HashMap::new();
+
+/// (class, direction, peer address prefix) → the peer's port set. Written by the agent.
+#[btf_map]
+pub static POLICY_PEERS: LpmTrie<PolicyPeerKey, PolicyPeerValue, 262_144> = LpmTrie::new();
+
+/// (port set, protocol, port prefix) → allowed. Written by the agent.
+#[btf_map]
+pub static POLICY_PORTS: LpmTrie<PolicyPortKey, u32, 65_536> = LpmTrie::new();
+
+/// `[0]`: the policy epoch and whether enforcement is on. Written by the agent.
+#[btf_map]
+pub static POLICY_STATE: Array<PolicyState, 1> = Array::new();
+
+/// Flows allowed at a pod's egress or ingress (a `CtKey` with `dir` `POL_CT_*`), so replies
+/// come back. Written by the tc programs; LRU.
+#[btf_map]
+pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue, 131_072> = LruHashMap::new();
+
+/// Per-CPU packets and bytes per (local pod, direction, verdict reason). Written by the tc
+/// programs; entries of pods that left are removed by the agent.
+#[btf_map]
+pub static POLICY_VERDICTS: PerCpuHashMap<VerdictKey, VerdictValue, 65_536> = PerCpuHashMap::new();
+
+/// A local pod's network-namespace cookie → its address, so the socket hooks know when a pod
+/// reaches itself through a VIP. Written by the agent when the CNI plugin registers the pod.
+#[btf_map]
+pub static POD_NETNS: HashMap<u64, EndpointKey, 16_384> = HashMap::new();
 
 /// Per-CPU verdict counters, indexed by `ferrovia_common::counter`. Summed by the agent.
 #[btf_map]

@@ -21,12 +21,17 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// What the data path needs of an IPv4 TCP/UDP packet. Addresses and ports are kept as the
-/// raw network-order words read from the packet, the same encoding the maps use.
+/// What the data path needs of an IPv4 packet. Addresses and ports are kept as the raw
+/// network-order words read from the packet, the same encoding the maps use.
 #[derive(Clone, Copy)]
 pub struct Ipv4Packet {
     pub ihl_len: usize,
     pub l4_off: usize,
+    /// The IP header's total length (L3 bytes, for counters).
+    pub tot_len: u16,
+    /// A complete, unfragmented TCP or UDP packet: the services may translate it. Anything
+    /// else (ICMP, SCTP, fragments) is only judged by policy, with ports 0 when it has none.
+    pub translatable: bool,
     pub proto: u8,
     pub saddr: u32,
     pub daddr: u32,
@@ -62,15 +67,17 @@ impl Ipv4Packet {
     }
 }
 
-/// Why a packet is not for us. `Malformed` and `Fragment` are counted; `NotIp` is not.
+/// Why a packet is not for us. `Malformed` is counted; `NotIp` is not.
 pub enum Skip {
     NotIp,
     Malformed,
-    Fragment,
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP headers. Anything else, truncated or inconsistent
-/// headers included, is reported as a reason to leave the packet untouched.
+const PROTO_SCTP: u8 = 132;
+
+/// Parses Ethernet + IPv4 (+ TCP/UDP/SCTP ports). Non-IPv4 frames and truncated or
+/// inconsistent headers are reported as a reason to leave the packet untouched; fragments are
+/// counted and returned without ports.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| Skip::NotIp)?);
@@ -87,33 +94,44 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
     ));
     let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| Skip::Malformed)?);
     let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Skip::Malformed)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Err(Skip::NotIp);
-    }
-    let l4_len = if proto == PROTO_TCP { 20 } else { 8 };
-    if tot_len < ihl_len + l4_len || ETH_HLEN + tot_len > ctx.len() as usize {
+    if tot_len < ihl_len || ETH_HLEN + tot_len > ctx.len() as usize {
         return Err(Skip::Malformed);
     }
-    // More-fragments flag or a fragment offset: no complete L4 header to translate.
-    if frag & 0x3fff != 0 {
-        return Err(Skip::Fragment);
-    }
-    let l4_off = ETH_HLEN + ihl_len;
-    let tcp_flags = if proto == PROTO_TCP {
-        ctx.load::<u8>(l4_off + 13).map_err(|_| Skip::Malformed)?
-    } else {
-        0
-    };
-    Ok(Ipv4Packet {
+    let mut pkt = Ipv4Packet {
         ihl_len,
-        l4_off,
+        l4_off: ETH_HLEN + ihl_len,
+        tot_len: tot_len as u16,
+        translatable: false,
         proto,
         saddr: ctx.load(IP_SADDR_OFF).map_err(|_| Skip::Malformed)?,
         daddr: ctx.load(IP_DADDR_OFF).map_err(|_| Skip::Malformed)?,
-        sport: ctx.load(l4_off).map_err(|_| Skip::Malformed)?,
-        dport: ctx.load(l4_off + 2).map_err(|_| Skip::Malformed)?,
-        tcp_flags,
-    })
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    // More-fragments flag or a fragment offset: no complete L4 header to translate.
+    if frag & 0x3fff != 0 {
+        count(counter::FRAGMENT);
+        return Ok(pkt);
+    }
+    let l4_len = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_SCTP => 12,
+        _ => return Ok(pkt),
+    };
+    if tot_len < ihl_len + l4_len {
+        return Err(Skip::Malformed);
+    }
+    pkt.sport = ctx.load(pkt.l4_off).map_err(|_| Skip::Malformed)?;
+    pkt.dport = ctx.load(pkt.l4_off + 2).map_err(|_| Skip::Malformed)?;
+    if proto == PROTO_TCP {
+        pkt.tcp_flags = ctx
+            .load::<u8>(pkt.l4_off + 13)
+            .map_err(|_| Skip::Malformed)?;
+    }
+    pkt.translatable = proto != PROTO_SCTP;
+    Ok(pkt)
 }
 
 /// Counts a skipped packet under its reason.
@@ -122,7 +140,6 @@ pub fn count_skip(skip: &Skip) {
     match skip {
         Skip::NotIp => {}
         Skip::Malformed => count(counter::MALFORMED),
-        Skip::Fragment => count(counter::FRAGMENT),
     }
 }
 

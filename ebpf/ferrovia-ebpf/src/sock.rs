@@ -7,13 +7,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ferrovia_common::{
-    AffinityKey, FAMILY_NETNS, FAMILY_V4, PROTO_TCP, PROTO_UDP, ServiceKey, SockFwdValue, SockKey,
-    SockRevNatValue, counter,
+    AffinityKey, FAMILY_NETNS, FAMILY_V4, POL_ISOLATED_EGRESS, POL_ISOLATED_INGRESS, PROTO_TCP,
+    PROTO_UDP, ServiceKey, SockFwdValue, SockKey, SockRevNatValue, counter,
 };
 
 use crate::{
     lb::{live_backend, lookup_service, select_backend},
-    maps::{SOCK_FWD, SOCK_REVNAT, count},
+    maps::{POD_NETNS, POLICY_ENDPOINTS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
 };
 
 /// Verdicts of sock_addr programs: 1 lets the call proceed, 0 fails it (with the errno
@@ -65,6 +65,8 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
         family: FAMILY_V4,
         _pad: 0,
     };
+    // SAFETY: helper valid for sock_addr programs (5.7+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let sticky = proto == PROTO_UDP;
     let mut chosen = None;
     if sticky {
@@ -77,7 +79,6 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if chosen.is_none() {
         // The source address is not chosen yet at connect time: the client pod is known by
         // its network namespace instead.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         let client = AffinityKey {
             client: [netns as u32, (netns >> 32) as u32, 0, 0],
             service_id: service.service_id,
@@ -93,6 +94,10 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return DENY;
     };
+    if policed_hairpin(netns, backend.addr[0]) {
+        // Left to the per-packet path, where policy judges it like any connection.
+        return ALLOW;
+    }
     if sticky {
         let value = SockFwdValue {
             backend_id,
@@ -120,6 +125,26 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     sa.user_port = u32::from(backend.port);
     count(counter::SOCK_XLATE);
     ALLOW
+}
+
+/// Whether the caller is a pod that policy isolates and `backend` is the pod itself. Such a
+/// hairpin never leaves the pod once translated here (its own address is local), so no tc
+/// program would see it: it goes to the VIP untranslated instead, and the per-packet path
+/// translates and judges it.
+#[inline(always)]
+fn policed_hairpin(netns: u64, backend: u32) -> bool {
+    if POLICY_STATE.get(0).is_none_or(|s| s.enabled == 0) {
+        return false;
+    }
+    // SAFETY: values copied out at once.
+    let Some(pod) = (unsafe { POD_NETNS.get(&netns).copied() }) else {
+        return false;
+    };
+    if pod.addr[0] != backend {
+        return false;
+    }
+    let policy = unsafe { POLICY_ENDPOINTS.get(&pod).copied() };
+    policy.is_some_and(|p| p.flags & (POL_ISOLATED_INGRESS | POL_ISOLATED_EGRESS) != 0)
 }
 
 /// recvmsg4 / getpeername4: backend → VIP, for sockets `forward` translated.

@@ -1,0 +1,329 @@
+//! NetworkPolicy enforcement at a pod's interface.
+//!
+//! Two points judge a flow: the sending pod's egress (`from_pod`) and the receiving pod's
+//! ingress (`to_pod`). A flow allowed at a point is remembered in `POLICY_CT` (keyed by its
+//! tuple and the point), so its replies pass the pod's other hook whatever the policies say
+//! about the reverse direction. Entries carry the policy epoch they were judged under: after
+//! any policy change a flow is judged again on its next packet, so an established connection
+//! that stays allowed goes on and one that became denied is cut.
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
+use ferrovia_common::{
+    CT_FLAG_CLOSING, CtKey, EndpointKey, FAMILY_V4, PEER_KEY_FIXED_BITS, POL_CT_EGRESS,
+    POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS, POL_ISOLATED_EGRESS,
+    POL_ISOLATED_INGRESS, PORT_KEY_FIXED_BITS, PolicyCtValue, PolicyPeerKey, PolicyPortKey,
+    VerdictKey, VerdictValue, counter, verdict,
+};
+
+use crate::{
+    conntrack::still_alive,
+    maps::{
+        POLICY_CT, POLICY_ENDPOINTS, POLICY_PEERS, POLICY_PORTS, POLICY_STATE, POLICY_VERDICTS,
+        count,
+    },
+    packet::{Ipv4Packet, TCP_FIN, TCP_RST},
+};
+
+/// `skb->mark` of a hairpin packet judged whole (egress and ingress) in `from_pod` and sent
+/// back into the pod: `to_pod` must not judge it again with the VIP as its source.
+pub const MARK_JUDGED: u32 = 0xfe7a_0001;
+
+/// A flow as policy sees it: the real client and the real (translated) server.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    /// The packet's own tuple.
+    #[inline(always)]
+    pub fn of(pkt: &Ipv4Packet) -> Self {
+        Self {
+            saddr: pkt.saddr,
+            daddr: pkt.daddr,
+            sport: pkt.sport,
+            dport: pkt.dport,
+            proto: pkt.proto,
+            tcp_flags: pkt.tcp_flags,
+        }
+    }
+
+    /// The packet's tuple with the server replaced (after service translation).
+    #[inline(always)]
+    pub fn to(pkt: &Ipv4Packet, daddr: u32, dport: u16) -> Self {
+        Self {
+            daddr,
+            dport,
+            ..Self::of(pkt)
+        }
+    }
+
+    #[inline(always)]
+    fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            ..*self
+        }
+    }
+
+    #[inline(always)]
+    fn key(&self, point: u8) -> CtKey {
+        CtKey {
+            saddr: [self.saddr, 0, 0, 0],
+            daddr: [self.daddr, 0, 0, 0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: FAMILY_V4,
+            dir: point,
+            _pad: 0,
+        }
+    }
+}
+
+/// Policy for one packet: off, or on under an epoch. Read once per packet.
+#[derive(Clone, Copy)]
+pub struct Gate {
+    epoch: u32,
+    enabled: bool,
+    /// L3 length, for the byte counters.
+    len: u64,
+}
+
+impl Gate {
+    #[inline(always)]
+    pub fn current(pkt: &Ipv4Packet) -> Self {
+        let state = POLICY_STATE.get(0).copied().unwrap_or_default();
+        Self {
+            epoch: state.epoch,
+            enabled: state.enabled != 0,
+            len: u64::from(pkt.tot_len),
+        }
+    }
+
+    /// The sending pod's egress point (`from_pod`).
+    #[inline(always)]
+    pub fn egress(&self, flow: &Flow) -> bool {
+        !self.enabled || self.judge(Point::Egress, flow, false)
+    }
+
+    /// The receiving pod's ingress point (`to_pod`); `from_host`: the packet was sent by the
+    /// node itself, which upstream always allows.
+    #[inline(always)]
+    pub fn ingress(&self, flow: &Flow, from_host: bool) -> bool {
+        !self.enabled || self.judge(Point::Ingress, flow, from_host)
+    }
+
+    /// A pod reaching itself through a service on the per-packet path: both its egress and
+    /// its ingress judge the flow here (real addresses); the packet is marked so that
+    /// `to_pod` does not judge it again with the VIP as its source.
+    #[inline(always)]
+    pub fn hairpin(&self, ctx: &mut TcContext, flow: &Flow) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        if !(self.judge(Point::Egress, flow, false) && self.judge(Point::Ingress, flow, false)) {
+            return false;
+        }
+        ctx.set_mark(MARK_JUDGED);
+        true
+    }
+
+    #[inline(always)]
+    fn judge(&self, point: Point, flow: &Flow, from_host: bool) -> bool {
+        let (subject, dir, here, there) = match point {
+            Point::Egress => (flow.saddr, POL_DIR_EGRESS, POL_CT_EGRESS, POL_CT_INGRESS),
+            Point::Ingress => (flow.daddr, POL_DIR_INGRESS, POL_CT_INGRESS, POL_CT_EGRESS),
+        };
+        let now = now_ns();
+        // A reply of a flow this pod's other hook let through?
+        let back = flow.reversed();
+        if let Some(entry) = POLICY_CT.get_ptr_mut(&back.key(there)) {
+            // SAFETY: valid map value; racing writers only touch age, flags and epoch.
+            let entry = unsafe { &mut *entry };
+            if alive(entry, flow, now) {
+                let reason = if entry.epoch == self.epoch || entry.flags & POL_CT_FLAG_HOST != 0 {
+                    verdict::ALLOW_REPLY
+                } else {
+                    // Judged again where it was allowed: the other point, same pod.
+                    match rules(point.other(), subject, &back) {
+                        r if verdict::allows(r) => verdict::ALLOW_REPLY,
+                        r => r,
+                    }
+                };
+                return self.record(subject, dir, reason, Some(entry));
+            }
+        }
+        let key = flow.key(here);
+        if let Some(entry) = POLICY_CT.get_ptr_mut(&key) {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *entry };
+            if alive(entry, flow, now) && entry.epoch == self.epoch {
+                return self.record(subject, dir, verdict::ALLOW_ESTABLISHED, None);
+            }
+        }
+        let reason = if from_host {
+            verdict::ALLOW_HOST
+        } else {
+            rules(point, subject, flow)
+        };
+        if verdict::allows(reason) {
+            let mut flags = 0;
+            if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                flags |= CT_FLAG_CLOSING;
+            }
+            if from_host {
+                flags |= POL_CT_FLAG_HOST;
+            }
+            let value = PolicyCtValue {
+                epoch: self.epoch,
+                flags,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            // Best effort: an LRU insert fails only under memory pressure; the verdict stands
+            // (a reply would then be judged on its own).
+            let _ = POLICY_CT.insert(&key, &value, 0);
+        } else {
+            let _ = POLICY_CT.remove(&key);
+        }
+        self.record(subject, dir, reason, None)
+    }
+
+    /// Counts the verdict for the pod; a reply entry judged again is refreshed or forgotten.
+    #[inline(always)]
+    fn record(&self, subject: u32, dir: u8, reason: u8, entry: Option<&mut PolicyCtValue>) -> bool {
+        let allowed = verdict::allows(reason);
+        if let Some(entry) = entry {
+            if allowed {
+                entry.epoch = self.epoch;
+            } else {
+                entry.last_seen_ns = 0;
+            }
+        }
+        let key = VerdictKey {
+            addr: [subject, 0, 0, 0],
+            family: FAMILY_V4,
+            dir,
+            reason,
+            _pad: 0,
+        };
+        if let Some(value) = POLICY_VERDICTS.get_ptr_mut(&key) {
+            // SAFETY: per-CPU value, no other writer on this CPU while we run.
+            unsafe {
+                (*value).packets += 1;
+                (*value).bytes += self.len;
+            }
+        } else {
+            let value = VerdictValue {
+                packets: 1,
+                bytes: self.len,
+            };
+            let _ = POLICY_VERDICTS.insert(&key, &value, 0);
+        }
+        if !allowed {
+            count(counter::DROP_POLICY);
+        }
+        allowed
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Point {
+    Egress,
+    Ingress,
+}
+
+impl Point {
+    #[inline(always)]
+    fn other(self) -> Self {
+        match self {
+            Self::Egress => Self::Ingress,
+            Self::Ingress => Self::Egress,
+        }
+    }
+}
+
+/// The rules of `subject` (a local pod) for `flow` at `point`: a `verdict` reason.
+#[inline(always)]
+fn rules(point: Point, subject: u32, flow: &Flow) -> u8 {
+    let endpoint = EndpointKey {
+        addr: [subject, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    // SAFETY: value copied out at once; the agent replaces entries whole.
+    let Some(policy) = (unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }) else {
+        return verdict::ALLOW_NOT_ISOLATED;
+    };
+    let (isolated, dir, peer) = match point {
+        Point::Egress => (
+            policy.flags & POL_ISOLATED_EGRESS,
+            POL_DIR_EGRESS,
+            flow.daddr,
+        ),
+        Point::Ingress => (
+            policy.flags & POL_ISOLATED_INGRESS,
+            POL_DIR_INGRESS,
+            flow.saddr,
+        ),
+    };
+    if isolated == 0 {
+        return verdict::ALLOW_NOT_ISOLATED;
+    }
+    let peer_key = Key::new(
+        PEER_KEY_FIXED_BITS + 32,
+        PolicyPeerKey {
+            class_id: policy.class_id,
+            dir,
+            family: FAMILY_V4,
+            _pad: 0,
+            addr: [peer, 0, 0, 0],
+        },
+    );
+    let Some(peer) = POLICY_PEERS.get(&peer_key).copied() else {
+        return verdict::DENY_NO_RULE;
+    };
+    if peer.portset_id == 0 {
+        return peer.reason as u8;
+    }
+    let port_key = Key::new(
+        PORT_KEY_FIXED_BITS + 16,
+        PolicyPortKey {
+            portset_id: peer.portset_id,
+            proto: flow.proto,
+            _pad: 0,
+            port: flow.dport,
+        },
+    );
+    if POLICY_PORTS.get(&port_key).is_some() {
+        verdict::ALLOW_RULE
+    } else {
+        verdict::DENY_PORT
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Whether an entry still applies (timeouts as the service conntrack's).
+#[inline(always)]
+fn alive(entry: &mut PolicyCtValue, flow: &Flow, now: u64) -> bool {
+    still_alive(
+        &mut entry.flags,
+        &mut entry.last_seen_ns,
+        flow.proto,
+        flow.tcp_flags,
+        now,
+    )
+}
