@@ -24,6 +24,7 @@ pub mod cni;
 pub mod node;
 pub mod paths;
 pub mod pod;
+pub mod policy;
 pub mod sys;
 pub mod workload;
 
@@ -32,6 +33,6 @@ pub use cni::Chain;
 pub use node::{CniMode, Node, NodeOptions};
 pub use pod::Pod;
 pub use sys::sweep_stale;
-pub use workload::{Place, ProbeResult, ProbeSpec, ProbeStream, Proto, Server};
+pub use workload::{Place, ProbeResult, ProbeSpec, ProbeStream, Proto, Server, TargetResult};
 pub mod cni_check;
 pub mod sendto;

@@ -35,7 +35,23 @@ pub struct Pod {
 
 impl Pod {
     pub(crate) fn create(node: &Arc<NodeInner>, namespace: &str, name: &str) -> Result<Self> {
-        let netns = format!("{}-{name}", node.id);
+        Self::create_in(node, namespace, name, format!("{}-{name}", node.id))
+    }
+
+    /// Like [`crate::Node::add_pod`], but the pod's network namespace is named after its
+    /// Kubernetes namespace too (`<node id>-<namespace>-<name>`), so that pods of one name in
+    /// different namespaces (cyclonus' `x/a`, `y/a`) can coexist on a node.
+    pub fn add_namespaced(node: &crate::Node, namespace: &str, name: &str) -> Result<Self> {
+        let netns = format!("{}-{namespace}-{name}", node.inner.id);
+        Self::create_in(&node.inner, namespace, name, netns)
+    }
+
+    fn create_in(
+        node: &Arc<NodeInner>,
+        namespace: &str,
+        name: &str,
+        netns: String,
+    ) -> Result<Self> {
         let inv = Invocation {
             host_netns: node.netns.clone(),
             pod_netns: netns.clone(),
@@ -129,6 +145,15 @@ impl Pod {
     /// Runs a probe from the pod to completion and returns one result per request.
     pub fn probe(&self, spec: &ProbeSpec) -> Result<Vec<ProbeResult>> {
         self.place().probe(spec)
+    }
+
+    /// Sends one request to each target at once (see [`Place::probe_many`]).
+    pub fn probe_many(
+        &self,
+        targets: &[(crate::Proto, std::net::SocketAddr)],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<crate::TargetResult>> {
+        self.place().probe_many(targets, timeout)
     }
 
     /// Starts a probe from the pod whose results are read while it runs.

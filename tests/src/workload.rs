@@ -31,7 +31,8 @@ pub struct Place {
 }
 
 /// Transport of a probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// TCP: one line per request.
     Tcp,
@@ -173,6 +174,21 @@ impl ProbeResult {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local.as_deref()?.parse().ok()
     }
+}
+
+/// One target's outcome, as printed by `ferrovia-echo probe-many`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct TargetResult {
+    /// Transport.
+    pub proto: Proto,
+    /// The target.
+    pub to: SocketAddr,
+    /// Whether a reply came back.
+    pub ok: bool,
+    /// The reply, `NAME ip:port`.
+    pub reply: Option<String>,
+    /// `ECONNREFUSED`, `timeout`, ...
+    pub error: Option<String>,
 }
 
 /// A running echo server; killed on drop.
@@ -352,6 +368,54 @@ impl Place {
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("probe output line {l:?}")))
+            .collect()
+    }
+
+    /// Sends one request to each target, all at once, from one `ferrovia-echo probe-many`
+    /// process; each target's exchange (new connection or socket, request, reply) gets
+    /// `timeout`. Returns one result per target, in the order given; a target may appear once.
+    pub fn probe_many(
+        &self,
+        targets: &[(Proto, SocketAddr)],
+        timeout: Duration,
+    ) -> Result<Vec<TargetResult>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = self.echo();
+        cmd.args(["probe-many", "--timeout-ms"])
+            .arg(timeout.as_millis().to_string());
+        for (proto, to) in targets {
+            let proto = match proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            };
+            cmd.arg("--target").arg(format!("{proto}:{to}"));
+        }
+        let out = cmd.output().context("running ferrovia-echo probe-many")?;
+        if !out.status.success() {
+            bail!(
+                "ferrovia-echo probe-many from {} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let mut by_target = std::collections::HashMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let r: TargetResult = serde_json::from_str(line)
+                .with_context(|| format!("probe-many output line {line:?}"))?;
+            if by_target.insert((r.proto, r.to), r).is_some() {
+                bail!("probe-many from {}: a target was given twice", self.name);
+            }
+        }
+        targets
+            .iter()
+            .map(|t| {
+                by_target
+                    .remove(t)
+                    .with_context(|| format!("probe-many from {}: no result for {t:?}", self.name))
+            })
             .collect()
     }
 

@@ -4,7 +4,8 @@
 //! peer as the server sees it, so a test can tell which pod answered and which source address it
 //! saw. It runs on a tokio runtime (current-thread unless `--workers`), a task per connection,
 //! so a new connection costs no thread. `probe` sends requests and prints one JSON line per
-//! request (see [`ProbeLine`]).
+//! request (see [`ProbeLine`]). `probe-many` sends one request to each of many targets at once
+//! and prints one JSON line per target (see [`TargetLine`]): the policy suites' truth tables.
 //!
 //! Both first join `--cgroup` and `--netns`, before any thread or runtime exists:
 //! `setns(CLONE_NEWNET)` only moves the calling thread, and the agent's cgroup socket hooks only
@@ -23,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::runtime;
 use tokio::task::JoinSet;
 
@@ -78,9 +79,28 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
     },
+    /// One request to each target, all at once; one JSON line per target, as each finishes.
+    ProbeMany {
+        /// `tcp:IP:PORT` or `udp:IP:PORT`; repeat for more targets.
+        #[arg(long = "target", required = true, value_parser = parse_target)]
+        targets: Vec<(Proto, SocketAddr)>,
+        /// Time for each target's whole exchange (connect, request, reply).
+        #[arg(long, default_value_t = 400)]
+        timeout_ms: u64,
+    },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+fn parse_target(s: &str) -> Result<(Proto, SocketAddr), String> {
+    let (proto, addr) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not PROTO:IP:PORT"))?;
+    let proto = Proto::from_str(proto, true)?;
+    let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok((proto, addr))
+}
+
+#[derive(Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Proto {
     Tcp,
     Udp,
@@ -114,6 +134,19 @@ struct ProbeLine {
     seq: u64,
 }
 
+/// One target's outcome in `probe-many`, printed as a JSON line; the harness parses it as
+/// `TargetResult`.
+#[derive(Serialize)]
+struct TargetLine {
+    proto: Proto,
+    to: SocketAddr,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Still single-threaded here: this must happen before any thread is spawned.
@@ -144,6 +177,10 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::ProbeMany {
+            targets,
+            timeout_ms,
+        } => probe_many(targets, Duration::from_millis(timeout_ms)),
     }
 }
 
@@ -428,5 +465,83 @@ fn probe(
             return; // the reader is gone
         }
         seq += 1;
+    }
+}
+
+/// How often `probe-many` resends an unanswered UDP request within its timeout: a lost datagram
+/// must not read as "denied" on a long re-probe.
+const UDP_RESEND: Duration = Duration::from_millis(250);
+
+/// Probes every target concurrently on one current-thread runtime (a task each, so hundreds of
+/// targets cost no threads) and prints each outcome as soon as it is known.
+fn probe_many(targets: Vec<(Proto, SocketAddr)>, timeout: Duration) -> Result<()> {
+    let rt = runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    rt.block_on(async move {
+        let mut tasks = JoinSet::new();
+        for (proto, to) in targets {
+            tasks.spawn(async move {
+                let outcome = tokio::time::timeout(timeout, exchange(proto, to)).await;
+                let mut line = TargetLine {
+                    proto,
+                    to,
+                    ok: false,
+                    reply: None,
+                    error: None,
+                };
+                match outcome {
+                    Ok(Ok(reply)) => {
+                        line.ok = true;
+                        line.reply = Some(reply);
+                    }
+                    Ok(Err(e)) => line.error = Some(error_name(&e)),
+                    Err(_) => line.error = Some("timeout".to_owned()),
+                }
+                line
+            });
+        }
+        let mut out = io::stdout().lock();
+        while let Some(line) = tasks.join_next().await {
+            serde_json::to_writer(&mut out, &line?)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        Ok(())
+    })
+}
+
+/// One request and its reply: a new TCP connection, or a new connected UDP socket that resends
+/// every [`UDP_RESEND`] until a reply (or an error such as ECONNREFUSED) comes back.
+async fn exchange(proto: Proto, to: SocketAddr) -> io::Result<String> {
+    match proto {
+        Proto::Tcp => {
+            let stream = tokio::net::TcpStream::connect(to).await?;
+            stream.set_nodelay(true)?;
+            let mut stream = tokio::io::BufReader::new(stream);
+            stream.get_mut().write_all(b"hello\n").await?;
+            let mut line = String::new();
+            if stream.read_line(&mut line).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(line.trim_end().to_owned())
+        }
+        Proto::Udp => {
+            let bind: SocketAddr = if to.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = tokio::net::UdpSocket::bind(bind).await?;
+            socket.connect(to).await?;
+            let mut buf = [0u8; 2048];
+            loop {
+                socket.send(b"hello\n").await?;
+                if let Ok(n) = tokio::time::timeout(UDP_RESEND, socket.recv(&mut buf)).await {
+                    return Ok(String::from_utf8_lossy(&buf[..n?]).trim_end().to_owned());
+                }
+            }
+        }
     }
 }
