@@ -298,9 +298,16 @@ fn tc_path_honours_client_ip_affinity() {
 
 /// A service without endpoints rejects, as kube-proxy does: TCP is refused at once (socket
 /// path: `connect()` fails with ECONNREFUSED; tc path: a RST), UDP gets port unreachable
-/// (ECONNREFUSED on a connected socket) — not a timeout into a black hole.
+/// (ECONNREFUSED on a connected socket) — not a timeout into a black hole. Also for a client
+/// that NetworkPolicy isolates for ingress: the refusal is the data path's own answer, as the
+/// node's would be under kube-proxy, not traffic from a peer.
 fn rejects_without_endpoints(socket_lb: bool) {
-    let yaml = SERVICE_TCP_UDP.to_owned() + &pod_yaml("other", "app: other", "", "");
+    let yaml = SERVICE_TCP_UDP.to_owned()
+        + &pod_yaml("other", "app: other", "", "")
+        + &pod_yaml("client", "app: client", "", "")
+        + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+           metadata: {name: client-deny-ingress, namespace: default}\n\
+           spec: {podSelector: {matchLabels: {app: client}}, policyTypes: [Ingress]}\n";
     let c = Cluster::new(
         socket_lb,
         &yaml,

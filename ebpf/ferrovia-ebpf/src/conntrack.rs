@@ -23,9 +23,9 @@ const DENIED: Result<i32, i64> = Ok(aya_ebpf::bindings::TC_ACT_SHOT);
 /// The egress judgement of a pod's packet towards `server`: a hairpin (the pod reaching
 /// itself) is judged whole here, both directions.
 #[inline(always)]
-fn allowed(ctx: &mut TcContext, gate: &Gate, flow: &Flow, hairpin: bool) -> bool {
+fn allowed(gate: &Gate, flow: &Flow, hairpin: bool) -> bool {
     if hairpin {
-        gate.hairpin(ctx, flow)
+        gate.hairpin(flow)
     } else {
         gate.egress(flow)
     }
@@ -167,7 +167,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
             && (keeps_backend || live_backend(entry.backend_id, entry.service_id).is_some())
         {
             let flow = Flow::to(pkt, entry.xlate_addr[0], entry.xlate_port);
-            if !allowed(ctx, gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
+            if !allowed(gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
                 return DENIED;
             }
             count(counter::XLATE_CT);
@@ -177,7 +177,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
     if let Some(entry) = reply_entry(pkt) {
         // The pod answers as a backend; its real peer is the original client.
         let flow = Flow::to(pkt, entry.peer_addr[0], pkt.dport);
-        if !allowed(ctx, gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
+        if !allowed(gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
             return DENIED;
         }
         count(counter::XLATE_CT);
@@ -208,12 +208,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         return reject::no_endpoints(ctx, pkt);
     };
     let hairpin = backend.addr[0] == pkt.saddr;
-    if !allowed(
-        ctx,
-        gate,
-        &Flow::to(pkt, backend.addr[0], backend.port),
-        hairpin,
-    ) {
+    if !allowed(gate, &Flow::to(pkt, backend.addr[0], backend.port), hairpin) {
         return DENIED;
     }
     let source = if hairpin { pkt.daddr } else { pkt.saddr };

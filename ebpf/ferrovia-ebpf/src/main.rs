@@ -58,7 +58,7 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
             // SAFETY: plain reads of our own skb.
             let (mark, ingress_ifindex) =
                 unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
-            let judged = mark == policy::MARK_JUDGED;
+            let judged = mark == packet::MARK_BOUNCED;
             if judged {
                 ctx.set_mark(0);
             }

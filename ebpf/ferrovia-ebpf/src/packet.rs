@@ -186,10 +186,16 @@ pub fn set_port(
     ctx.store(pkt.l4_off + off, &new, 0)
 }
 
+/// `skb->mark` of a packet `from_pod` sends back into the pod (a hairpin that policy has
+/// judged with real addresses, or our own reject): `to_pod` lets it through unjudged and
+/// clears the mark, rather than judge it with the VIP as its source.
+pub const MARK_BOUNCED: u32 = 0xfe7a_0001;
+
 /// Sends the packet back out of the interface it came in on (to the pod), swapping the
 /// Ethernet addresses so the pod accepts it as coming from its gateway.
 #[inline(always)]
 pub fn bounce(ctx: &mut TcContext) -> Result<i32, i64> {
+    ctx.set_mark(MARK_BOUNCED);
     let dst: [u8; 6] = ctx.load(0)?;
     let src: [u8; 6] = ctx.load(6)?;
     ctx.store(0, &src, 0)?;

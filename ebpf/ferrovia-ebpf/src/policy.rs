@@ -6,7 +6,7 @@
 //! about the reverse direction. Entries carry the policy epoch they were judged under: after
 //! any policy change a flow is judged again on its next packet, so an established connection
 //! that stays allowed goes on and one that became denied is cut.
-use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use ferrovia_common::{
     CT_FLAG_CLOSING, CtKey, EndpointKey, FAMILY_V4, PEER_KEY_FIXED_BITS, POL_CT_EGRESS,
     POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS, POL_ISOLATED_EGRESS,
@@ -22,10 +22,6 @@ use crate::{
     },
     packet::{Ipv4Packet, TCP_FIN, TCP_RST},
 };
-
-/// `skb->mark` of a hairpin packet judged whole (egress and ingress) in `from_pod` and sent
-/// back into the pod: `to_pod` must not judge it again with the VIP as its source.
-pub const MARK_JUDGED: u32 = 0xfe7a_0001;
 
 /// A flow as policy sees it: the real client and the real (translated) server.
 #[derive(Clone, Copy)]
@@ -122,18 +118,12 @@ impl Gate {
     }
 
     /// A pod reaching itself through a service on the per-packet path: both its egress and
-    /// its ingress judge the flow here (real addresses); the packet is marked so that
-    /// `to_pod` does not judge it again with the VIP as its source.
+    /// its ingress judge the flow here, with real addresses (the packet is then bounced back
+    /// into the pod, marked so that `to_pod` does not judge it again with the VIP as source).
     #[inline(always)]
-    pub fn hairpin(&self, ctx: &mut TcContext, flow: &Flow) -> bool {
-        if !self.enabled {
-            return true;
-        }
-        if !(self.judge(Point::Egress, flow, false) && self.judge(Point::Ingress, flow, false)) {
-            return false;
-        }
-        ctx.set_mark(MARK_JUDGED);
-        true
+    pub fn hairpin(&self, flow: &Flow) -> bool {
+        !self.enabled
+            || (self.judge(Point::Egress, flow, false) && self.judge(Point::Ingress, flow, false))
     }
 
     #[inline(always)]
