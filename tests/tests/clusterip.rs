@@ -299,7 +299,7 @@ fn tc_path_honours_client_ip_affinity() {
 /// A service without endpoints rejects, as kube-proxy does: TCP is refused at once (socket
 /// path: `connect()` fails with ECONNREFUSED; tc path: a RST), UDP gets port unreachable
 /// (ECONNREFUSED on a connected socket) — not a timeout into a black hole. Also for a client
-/// that NetworkPolicy isolates for ingress: the refusal is the data path's own answer, as the
+/// that `NetworkPolicy` isolates for ingress: the refusal is the data path's own answer, as the
 /// node's would be under kube-proxy, not traffic from a peer.
 fn rejects_without_endpoints(socket_lb: bool) {
     let yaml = SERVICE_TCP_UDP.to_owned()
