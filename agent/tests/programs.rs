@@ -1017,3 +1017,62 @@ fn a_restart_adopts_the_policy_maps() {
         "no longer isolated"
     );
 }
+
+/// An IPv4 packet of protocol `proto` with `l4` as its payload (no L4 checksum: the programs
+/// do not check one), for protocols etherparse does not build (SCTP) and ICMP.
+fn raw_ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut p = Vec::from(POD_MAC);
+    p.extend_from_slice(&GW_MAC);
+    p.extend_from_slice(&[0x08, 0x00]);
+    let tot = (20 + l4.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&tot.to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let csum = !(sum16(&ip, 0) as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(l4);
+    p
+}
+
+/// SCTP is judged by its ports like TCP and UDP (the kernel here has no SCTP to send real
+/// traffic with); protocols without ports (ICMP) only by rules without ports, and an echo
+/// reply comes back as the reply of an allowed flow.
+#[test]
+fn sctp_by_port_and_icmp_only_by_rules_without_ports() {
+    let mut t = load("pol-sctp-icmp");
+    let sctp = |sport: u16, dport: u16| {
+        let mut l4 = Vec::from(sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&[0; 8]); // verification tag, checksum
+        raw_ipv4(CLIENT, BACKEND, 132, &l4)
+    };
+    let echo = |src, dst, ty: u8| raw_ipv4(src, dst, 1, &[ty, 0, 0, 0, 0, 1, 0, 1]);
+    let policy = |client: PortSet| {
+        let rules: DirectionRules = [(prefix(CLIENT, 32), allow(client))].into_iter().collect();
+        PolicyDesired {
+            endpoints: [(
+                BACKEND.into(),
+                Arc::new(PolicyClass {
+                    ingress: Some(rules),
+                    egress: Some(DirectionRules::new()),
+                }),
+            )]
+            .into_iter()
+            .collect(),
+            local: [BACKEND.into()].into_iter().collect(),
+            policies_in_force: 1,
+        }
+    };
+    sync_policy(&mut t, &policy(ports(&[(132, 3868, 3868), (6, 80, 80)])));
+    assert_eq!(to_pod(&t, &sctp(40000, 3868)), TC_ACT_OK, "SCTP on its port");
+    assert_eq!(to_pod(&t, &sctp(40000, 3869)), TC_ACT_SHOT, "SCTP elsewhere");
+    assert_eq!(to_pod(&t, &echo(CLIENT, BACKEND, 8)), TC_ACT_SHOT, "ping vs port rules");
+    sync_policy(&mut t, &policy(PortSet::Any));
+    assert_eq!(to_pod(&t, &echo(CLIENT, BACKEND, 8)), TC_ACT_OK, "ping, rule without ports");
+    let (v, _) = run(&t, "from_pod", &echo(BACKEND, CLIENT, 0));
+    assert_eq!(v, TC_ACT_OK, "echo reply");
+    let (v, _) = run(&t, "from_pod", &echo(BACKEND, OTHER, 8));
+    assert_eq!(v, TC_ACT_SHOT, "a ping of its own (egress isolated)");
+}

@@ -190,8 +190,20 @@ pub struct PolicyDesired {
 /// this node, with their addresses).
 #[must_use]
 pub fn compile(state: &ClusterState, local: &PodIps) -> PolicyDesired {
-    let index = Index::new(state, local);
     let mut out = PolicyDesired::default();
+    if state.network_policies.is_empty() {
+        // The common case of a cluster without policies: no peer index to build.
+        out.local = local
+            .values()
+            .flatten()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        return out;
+    }
+    let index = Index::new(state, local);
     let mut memo: HashMap<MemoKey, Arc<PolicyClass>> = HashMap::new();
     let mut in_force = BTreeSet::new();
     for (key, ips) in local {
