@@ -268,13 +268,31 @@ impl BenchCluster {
                 })
             }
             Path4::FerroviaSocket | Path4::FerroviaTc => {
-                self.ferrovia_on(path == Path4::FerroviaSocket, &svcs)
+                self.ferrovia_on(path == Path4::FerroviaSocket, &svcs, &[])
             }
         }
     }
 
+    /// Puts ferrovia in place for `n` services, its agent started with `agent_args` added
+    /// (e.g. `--network-policy=false`).
+    pub fn ferrovia(
+        &mut self,
+        socket_lb: bool,
+        n: usize,
+        agent_args: &[String],
+    ) -> Result<Programmed> {
+        self.rules_off()?;
+        let svcs = self.services(n);
+        self.ferrovia_on(socket_lb, &svcs, agent_args)
+    }
+
     /// Starts ferrovia from cold (no pinned maps) on manifests for `svcs`.
-    fn ferrovia_on(&mut self, socket_lb: bool, svcs: &[Svc]) -> Result<Programmed> {
+    fn ferrovia_on(
+        &mut self,
+        socket_lb: bool,
+        svcs: &[Svc],
+        agent_args: &[String],
+    ) -> Result<Programmed> {
         self.ferrovia_off()?;
         self.node
             .write_manifest("services.yaml", &manifests(svcs))?;
@@ -283,13 +301,14 @@ impl BenchCluster {
         let frontends = svcs.len();
         let backends: usize = svcs.iter().map(|s| s.endpoints.len()).sum();
         // Room for the whole scale with a margin; the maps are created at this size.
-        let extra = vec![
+        let mut extra = vec![
             format!(
                 "--map-services={}",
                 (frontends + backends).max(1024) * 5 / 4
             ),
             format!("--map-backends={}", backends.max(1024) * 5 / 4),
         ];
+        extra.extend_from_slice(agent_args);
         let started = Instant::now();
         let agent = self.node.start_agent(AgentOpts {
             socket_lb,
@@ -399,6 +418,14 @@ impl BenchCluster {
         Ok(out)
     }
 
+    /// Makes the agent re-read its manifests now; returns once its maps reflect them, failing
+    /// if ferrovia is off or the agent rejected something.
+    pub fn sync(&self) -> Result<()> {
+        let rejected = self.agent.as_ref().context("ferrovia is off")?.sync()?;
+        anyhow::ensure!(rejected.is_empty(), "the agent rejected: {rejected:#?}");
+        Ok(())
+    }
+
     /// The agent, if ferrovia is on.
     #[must_use]
     pub fn agent(&self) -> Option<&Agent> {
@@ -430,6 +457,28 @@ impl BenchCluster {
         drop(agent);
         node.destroy()
     }
+}
+
+/// Per program, the runs and mean ns per run between two [`BenchCluster::prog_stats`] readings
+/// of the same agent (programs that did not run are left out).
+#[must_use]
+pub fn prog_delta(
+    before: &std::collections::BTreeMap<String, (u64, u64)>,
+    after: &std::collections::BTreeMap<String, (u64, u64)>,
+) -> std::collections::BTreeMap<String, (u64, f64)> {
+    after
+        .iter()
+        .filter_map(|(name, &(runs, ns))| {
+            let (r0, n0) = before.get(name).copied().unwrap_or((0, 0));
+            (runs > r0).then(|| {
+                let runs = runs - r0;
+                (
+                    name.clone(),
+                    (runs, ns.saturating_sub(n0) as f64 / runs as f64),
+                )
+            })
+        })
+        .collect()
 }
 
 fn bench_svc(name: &str, vip: Ipv4Addr, port: u16, endpoints: Vec<SocketAddrV4>) -> Svc {
@@ -552,4 +601,29 @@ fn with_timeout<T: Send + 'static>(
     }
     let _ = worker.join();
     bail!("did not load within {} s", timeout.as_secs())
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // exact quotients of small integers
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prog_delta_is_per_run_between_readings() {
+        let before = [
+            ("from_pod".to_owned(), (10, 1000)),
+            ("to_pod".to_owned(), (5, 500)),
+        ]
+        .into();
+        let after = [
+            ("from_pod".to_owned(), (30, 5000)),
+            ("to_pod".to_owned(), (5, 500)),
+            ("sock4_connect".to_owned(), (2, 3000)),
+        ]
+        .into();
+        let d = prog_delta(&before, &after);
+        assert_eq!(d.len(), 2, "to_pod did not run: {d:?}");
+        assert_eq!(d["from_pod"], (20, 200.0));
+        assert_eq!(d["sock4_connect"], (2, 1500.0));
+    }
 }

@@ -4,8 +4,12 @@
 //!
 //! - [`kubeproxy`]: the rule sets kube-proxy writes for N services, and loading them.
 //! - [`load`]: the load generator's measurement types (the binary is `ferrovia-load`).
+//! - [`policy`]: the `NetworkPolicy` section — per-packet cost on/off, change latency.
+//! - [`probe`]: a connection every millisecond from a pod, for change → effect latencies.
 pub mod cluster;
 pub mod kubeproxy;
 pub mod load;
 pub mod plot;
+pub mod policy;
+pub mod probe;
 pub mod report;

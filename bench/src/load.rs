@@ -294,3 +294,28 @@ pub fn run_load(place: &Place, spec: &LoadSpec) -> Result<LoadResult> {
     serde_json::from_str(out.trim())
         .with_context(|| format!("parsing ferrovia-load output {:?}", out.trim()))
 }
+
+/// The benchmark's pair of data-path measurements from `place` to `targets`: requests over
+/// `conns` persistent connections, then new connections (closed with RST: no `TIME_WAIT`
+/// pile-up in the client, which would otherwise measure the port allocator rather than the
+/// data path, and penalise one-VIP layouts), each a `window` after 300 ms of warm-up. Fails if
+/// either completed nothing.
+pub fn rr_and_crr(
+    place: &Place,
+    targets: &[SocketAddr],
+    conns: u32,
+    window: Duration,
+) -> Result<(LoadResult, LoadResult)> {
+    let spec = |mode| {
+        LoadSpec::new(mode, targets.iter().copied())
+            .conns(conns)
+            .duration(window)
+            .warmup(Duration::from_millis(300))
+    };
+    let rr = run_load(place, &spec(Mode::Rr))?;
+    let crr = run_load(place, &spec(Mode::Crr).rst_close())?;
+    for r in [&rr, &crr] {
+        anyhow::ensure!(r.ok > 0, "no request completed: {r:?}");
+    }
+    Ok((rr, crr))
+}

@@ -43,6 +43,9 @@ pub struct Report {
     /// ferrovia: `EndpointSlice` change to the first new connection on the new backend, ms.
     pub endpoint_change_ms: Vec<f64>,
     pub endpoint_change_services: usize,
+    /// The `NetworkPolicy` section (absent from runs before it existed, or with `--policy=false`).
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyReport>,
 }
 
 /// Median and range of a figure.
@@ -271,6 +274,9 @@ impl Report {
                 percentile(&self.endpoint_change_ms, 100.0).unwrap_or(0.0)
             );
         }
+        if let Some(policy) = &self.policy {
+            out.push_str(&policy.markdown());
+        }
         out
     }
 
@@ -302,7 +308,8 @@ impl Report {
     }
 }
 
-fn fmt(v: f64) -> String {
+/// A rate or time for a table: `12.3k`, `123`, `1.23`.
+pub(crate) fn fmt(v: f64) -> String {
     if v >= 1000.0 {
         format!("{:.1}k", v / 1000.0)
     } else if v >= 10.0 {
@@ -326,6 +333,14 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99.0));
         assert_eq!(percentile(&v, 50.0), Some(50.0));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn committed_results_still_load() {
+        let r: Report = serde_json::from_str(include_str!("../../docs/bench/results.json"))
+            .expect("docs/bench/results.json loads");
+        assert!(r.policy.is_none());
+        assert!(!r.markdown().contains("NetworkPolicy"));
     }
 
     #[test]

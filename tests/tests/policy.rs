@@ -726,7 +726,10 @@ fn label_changes_take_effect() {
 
 /// Established TCP connections and a policy change: one that stays allowed keeps working (no
 /// failed request, no reconnect); one that becomes denied fails on its next request after
-/// the sync.
+/// the sync. Among those kept: z/a → z/b while z/a becomes isolated for ingress and z/b for
+/// egress, both with no rule — the connection is still allowed (z/a's egress and z/b's
+/// ingress are open), so its replies must keep passing, though no packet of it was judged
+/// by a policy before.
 #[test]
 fn established_connections_follow_policy_changes() {
     let cluster = PolicyCluster::new(AgentOpts::default()).expect("policy cluster");
@@ -742,7 +745,17 @@ fn established_connections_follow_policy_changes() {
             .expect("probe stream")
     };
     let (kept, cut) = (stream("x/b"), stream("x/a"));
-    for s in [&kept, &cut] {
+    let replies = cluster
+        .pod("z/a")
+        .probe_stream(
+            &ProbeSpec::tcp(SocketAddr::from((cluster.world.pod("z/b").ip, 80)))
+                .persistent()
+                .count(0)
+                .interval(Duration::from_millis(50))
+                .timeout(Duration::from_secs(1)),
+        )
+        .expect("probe stream");
+    for s in [&kept, &cut, &replies] {
         let r = s
             .wait_for(5, Duration::from_secs(10))
             .expect("stream results");
@@ -761,10 +774,13 @@ fn established_connections_follow_policy_changes() {
             "a-from-x",
             pod("a"),
             Rule::peers(vec![Peer::pods(all())]),
-        ));
+        ))
+        .policy(Policy::new("z", "a-no-ingress", pod("a")).types(&[Ingress]))
+        .policy(Policy::new("z", "b-no-egress", pod("b")).types(&[Egress]));
     let rejected = cluster.apply(&setup).expect("apply");
     assert_eq!(rejected, Vec::<String>::new());
     let (kept_at_sync, cut_at_sync) = (kept.results().len(), cut.results().len());
+    let replies_at_sync = replies.results().len();
     // Result `cut_at_sync` is the request in flight during the sync: it may have made it.
     // The one after it may have been printed before the count was read (the reader thread
     // lags the pipe); every later request started after the sync returned and must fail.
@@ -783,6 +799,17 @@ fn established_connections_follow_policy_changes() {
     assert!(
         failed.is_empty(),
         "the connection to x/b, still allowed, must carry on untouched: {failed:?}"
+    );
+    let replies_after = replies
+        .wait_for(replies_at_sync + 10, Duration::from_secs(20))
+        .expect("stream results");
+    let failed: Vec<_> = replies_after
+        .iter()
+        .filter(|r| !r.ok || r.conn != 1)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "z/a → z/b is still allowed: its replies must pass the newly isolated sides: {failed:?}"
     );
     // The matrix agrees too (the streams are still running).
     if let Some(report) = cluster

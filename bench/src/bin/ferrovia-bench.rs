@@ -1,7 +1,9 @@
 //! `ferrovia-bench` (run by `cargo xtask bench`): the same client and ten backend pods, the
 //! probed service behind each data path in turn — direct, kube-proxy iptables (nft and legacy
 //! back ends), kube-proxy nftables, ferrovia socket-level, ferrovia per packet — at each
-//! number of services, measured side by side in one run. Writes `target/bench/`.
+//! number of services, measured side by side in one run; then ferrovia's `NetworkPolicy`
+//! enforcement on and off, and policy change latency (`--policy=false` skips it). Writes
+//! `target/bench/`.
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -9,10 +11,13 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use ferrovia_bench::{
-    cluster::{BenchCluster, IPERF_PORT, IPERF_VIP, PROBE_PORT, PROBE_VIP, Path4, Programmed},
-    load::{LoadSpec, Mode, run_load},
+    cluster::{
+        BenchCluster, IPERF_PORT, IPERF_VIP, PROBE_PORT, PROBE_VIP, Path4, Programmed, prog_delta,
+    },
+    load::rr_and_crr,
+    policy::{self, run::PolicyOpts},
     report::{Cell, Report, Sample},
 };
 
@@ -51,6 +56,17 @@ struct Args {
     /// Endpoint changes to time.
     #[arg(long, default_value_t = 20)]
     changes: usize,
+    /// The `NetworkPolicy` section (on ferrovia's socket-level path at 1 service): rr/crr and
+    /// per-program ns with enforcement off, on without policies, on with isolating policies,
+    /// and with extra policies too; then the policy change → effect latency.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    policy: bool,
+    /// Extra policies (matching none of the measured traffic) in the last policy variant.
+    #[arg(long, default_value_t = 1000)]
+    policy_extra: usize,
+    /// Policy changes to time (alternately denying and allowing the client).
+    #[arg(long, default_value_t = 20)]
+    policy_changes: usize,
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Measure nothing: render `results.md` and the plots again from a `results.json`.
@@ -86,9 +102,32 @@ fn main() -> Result<()> {
     let (legacy, main_paths): (Vec<Path4>, Vec<Path4>) =
         paths.into_iter().partition(|p| *p == Path4::IptablesLegacy);
     let mut outcome = Ok(());
-    for phase in [main_paths, legacy].into_iter().filter(|p| !p.is_empty()) {
+    // The policy section runs on the first phase's node, after its paths.
+    let phases = [(main_paths, args.policy), (legacy, false)];
+    for (phase, policy) in phases
+        .into_iter()
+        .filter(|(p, policy)| !p.is_empty() || *policy)
+    {
         let mut cluster = BenchCluster::new(10)?;
         outcome = run(&args, &phase, &mut cluster, &mut report);
+        if outcome.is_ok() && policy {
+            report.write(&args.out)?;
+            report.policy = Some(policy::run::run(
+                &mut cluster,
+                &PolicyOpts {
+                    reps: args.reps,
+                    window: Duration::from_millis(args.window_ms),
+                    conns: args.conns,
+                    extra: args.policy_extra,
+                    changes: args.policy_changes,
+                    probe_interval: Duration::from_millis(1),
+                    probe_timeout: Duration::from_millis(50),
+                },
+            ));
+            if let Some(p) = &report.policy {
+                println!("\n{}", p.markdown());
+            }
+        }
         report.write(&args.out)?;
         cluster.destroy()?;
         if outcome.is_err() {
@@ -139,13 +178,7 @@ fn run(
                     Err(e) => cell.programmed.skipped = Some(format!("{e:#}")),
                 }
                 if let Some(before) = before {
-                    for (name, (runs, ns)) in cluster.prog_stats()? {
-                        let (r0, n0) = before.get(&name).copied().unwrap_or((0, 0));
-                        if runs > r0 {
-                            cell.prog_ns
-                                .insert(name, (runs - r0, (ns - n0) as f64 / (runs - r0) as f64));
-                        }
-                    }
+                    cell.prog_ns = prog_delta(&before, &cluster.prog_stats()?);
                 }
             }
             if path == Path4::FerroviaSocket
@@ -196,19 +229,7 @@ fn measure(args: &Args, cluster: &BenchCluster, path: Path4) -> Result<Vec<Sampl
     let place = cluster.client.place();
     let mut samples = Vec::with_capacity(args.reps);
     for _ in 0..args.reps {
-        let spec = |mode| {
-            LoadSpec::new(mode, targets.clone())
-                .conns(args.conns)
-                .duration(window)
-                .warmup(Duration::from_millis(300))
-        };
-        let rr = run_load(&place, &spec(Mode::Rr))?;
-        // RST close: no TIME_WAIT pile-up in the client, which would otherwise measure the
-        // port allocator rather than the data path (and penalise one-VIP layouts).
-        let crr = run_load(&place, &spec(Mode::Crr).rst_close())?;
-        for r in [&rr, &crr] {
-            anyhow::ensure!(r.ok > 0, "no request completed: {r:?}");
-        }
+        let (rr, crr) = rr_and_crr(&place, &targets, args.conns, window)?;
         samples.push(Sample {
             rr_rate: rr.rate_per_s,
             rr_p50_us: rr.p50_us as f64,

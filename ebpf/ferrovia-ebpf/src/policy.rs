@@ -8,7 +8,7 @@
 //! that stays allowed goes on and one that became denied is cut.
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use ferrovia_common::{
-    CT_FLAG_CLOSING, CtKey, EndpointKey, FAMILY_V4, PEER_KEY_FIXED_BITS, POL_CT_EGRESS,
+    CT_FLAG_CLOSING, CtKey, EndpointKey, EndpointPolicy, PROTO_TCP, FAMILY_V4, PEER_KEY_FIXED_BITS, POL_CT_EGRESS,
     POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS, POL_ISOLATED_EGRESS,
     POL_ISOLATED_INGRESS, PORT_KEY_FIXED_BITS, PolicyCtValue, PolicyPeerKey, PolicyPortKey,
     VerdictKey, VerdictValue, counter, verdict,
@@ -20,7 +20,7 @@ use crate::{
         POLICY_CT, POLICY_ENDPOINTS, POLICY_PEERS, POLICY_PORTS, POLICY_STATE, POLICY_VERDICTS,
         count,
     },
-    packet::{Ipv4Packet, TCP_FIN, TCP_RST},
+    packet::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// A flow as policy sees it: the real client and the real (translated) server.
@@ -132,6 +132,17 @@ impl Gate {
             Point::Egress => (flow.saddr, POL_DIR_EGRESS, POL_CT_EGRESS, POL_CT_INGRESS),
             Point::Ingress => (flow.daddr, POL_DIR_INGRESS, POL_CT_INGRESS, POL_CT_EGRESS),
         };
+        let endpoint = EndpointKey {
+            addr: [subject, 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        // SAFETY: value copied out at once; the agent replaces entries whole.
+        let policy = unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }.unwrap_or_default();
+        if !point.isolated(&policy) {
+            self.track(flow.key(here), flow, from_host);
+            return self.record(subject, dir, verdict::ALLOW_NOT_ISOLATED, None);
+        }
         let now = now_ns();
         // A reply of a flow this pod's other hook let through?
         let back = flow.reversed();
@@ -143,7 +154,7 @@ impl Gate {
                     verdict::ALLOW_REPLY
                 } else {
                     // Judged again where it was allowed: the other point, same pod.
-                    match rules(point.other(), subject, &back) {
+                    match rules(point.other(), &policy, &back) {
                         r if verdict::allows(r) => verdict::ALLOW_REPLY,
                         r => r,
                     }
@@ -162,29 +173,60 @@ impl Gate {
         let reason = if from_host {
             verdict::ALLOW_HOST
         } else {
-            rules(point, subject, flow)
+            rules(point, &policy, flow)
         };
         if verdict::allows(reason) {
-            let mut flags = 0;
-            if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                flags |= CT_FLAG_CLOSING;
-            }
-            if from_host {
-                flags |= POL_CT_FLAG_HOST;
-            }
-            let value = PolicyCtValue {
-                epoch: self.epoch,
-                flags,
-                _pad: 0,
-                last_seen_ns: now,
-            };
-            // Best effort: an LRU insert fails only under memory pressure; the verdict stands
-            // (a reply would then be judged on its own).
-            let _ = POLICY_CT.insert(&key, &value, 0);
+            self.remember(&key, flow, from_host, now);
         } else {
             let _ = POLICY_CT.remove(&key);
         }
         self.record(subject, dir, reason, None)
+    }
+
+    /// A pod that this point does not isolate: every flow passes, but is remembered so that
+    /// its replies still pass once the pod becomes isolated on the other side (a policy
+    /// change must not break an allowed established connection). Cheap on the hot path: a TCP
+    /// connection is remembered at its SYN, with no lookup on its later packets; other flows
+    /// are looked up and refreshed.
+    #[inline(always)]
+    fn track(&self, key: CtKey, flow: &Flow, from_host: bool) {
+        if flow.proto == PROTO_TCP {
+            if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                self.remember(&key, flow, from_host, now_ns());
+            }
+            return;
+        }
+        let now = now_ns();
+        if let Some(entry) = POLICY_CT.get_ptr_mut(&key) {
+            // SAFETY: valid map value; racing writers only touch age, flags and epoch.
+            let entry = unsafe { &mut *entry };
+            if alive(entry, flow, now) {
+                entry.epoch = self.epoch;
+                return;
+            }
+        }
+        self.remember(&key, flow, from_host, now);
+    }
+
+    /// Records an allowed flow under the current epoch.
+    #[inline(always)]
+    fn remember(&self, key: &CtKey, flow: &Flow, from_host: bool, now: u64) {
+        let mut flags = 0;
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags |= CT_FLAG_CLOSING;
+        }
+        if from_host {
+            flags |= POL_CT_FLAG_HOST;
+        }
+        let value = PolicyCtValue {
+            epoch: self.epoch,
+            flags,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        // Best effort: an LRU insert fails only under memory pressure; the verdict stands
+        // (a reply would then be judged on its own).
+        let _ = POLICY_CT.insert(key, &value, 0);
     }
 
     /// Counts the verdict for the pod; a reply entry judged again is refreshed or forgotten.
@@ -233,6 +275,15 @@ enum Point {
 
 impl Point {
     #[inline(always)]
+    fn isolated(self, policy: &EndpointPolicy) -> bool {
+        let bit = match self {
+            Self::Egress => POL_ISOLATED_EGRESS,
+            Self::Ingress => POL_ISOLATED_INGRESS,
+        };
+        policy.flags & bit != 0
+    }
+
+    #[inline(always)]
     fn other(self) -> Self {
         match self {
             Self::Egress => Self::Ingress,
@@ -241,33 +292,16 @@ impl Point {
     }
 }
 
-/// The rules of `subject` (a local pod) for `flow` at `point`: a `verdict` reason.
+/// The rules of a local pod (its `policy`) for `flow` at `point`: a `verdict` reason.
 #[inline(always)]
-fn rules(point: Point, subject: u32, flow: &Flow) -> u8 {
-    let endpoint = EndpointKey {
-        addr: [subject, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad: [0; 3],
-    };
-    // SAFETY: value copied out at once; the agent replaces entries whole.
-    let Some(policy) = (unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }) else {
-        return verdict::ALLOW_NOT_ISOLATED;
-    };
-    let (isolated, dir, peer) = match point {
-        Point::Egress => (
-            policy.flags & POL_ISOLATED_EGRESS,
-            POL_DIR_EGRESS,
-            flow.daddr,
-        ),
-        Point::Ingress => (
-            policy.flags & POL_ISOLATED_INGRESS,
-            POL_DIR_INGRESS,
-            flow.saddr,
-        ),
-    };
-    if isolated == 0 {
+fn rules(point: Point, policy: &EndpointPolicy, flow: &Flow) -> u8 {
+    if !point.isolated(policy) {
         return verdict::ALLOW_NOT_ISOLATED;
     }
+    let (dir, peer) = match point {
+        Point::Egress => (POL_DIR_EGRESS, flow.daddr),
+        Point::Ingress => (POL_DIR_INGRESS, flow.saddr),
+    };
     let peer_key = Key::new(
         PEER_KEY_FIXED_BITS + 32,
         PolicyPeerKey {
