@@ -1076,3 +1076,31 @@ fn sctp_by_port_and_icmp_only_by_rules_without_ports() {
     let (v, _) = run(&t, "from_pod", &echo(BACKEND, OTHER, 8));
     assert_eq!(v, TC_ACT_SHOT, "a ping of its own (egress isolated)");
 }
+
+/// A UDP flow allowed while its server was not isolated, whose server then becomes isolated
+/// without a rule for the client: the client's next datagram (same ports) is dropped. The
+/// server's earlier replies must not have been remembered as flows the server started, or
+/// the datagram would pass as their "reply".
+#[test]
+fn a_udp_flow_from_before_isolation_is_judged_not_taken_for_a_reply() {
+    let mut t = load("pol-udp-isolate");
+    let query = udp(CLIENT, 40000, BACKEND, 53, b"q");
+    assert_eq!(to_pod(&t, &query), TC_ACT_OK, "not isolated yet");
+    let (v, _) = run(&t, "from_pod", &udp(BACKEND, 53, CLIENT, 40000, b"a"));
+    assert_eq!(v, TC_ACT_OK, "its answer");
+    let isolate = PolicyDesired {
+        endpoints: [(
+            BACKEND.into(),
+            Arc::new(PolicyClass {
+                ingress: Some(DirectionRules::new()),
+                egress: None,
+            }),
+        )]
+        .into_iter()
+        .collect(),
+        local: [BACKEND.into()].into_iter().collect(),
+        policies_in_force: 1,
+    };
+    sync_policy(&mut t, &isolate);
+    assert_eq!(to_pod(&t, &query), TC_ACT_SHOT, "isolated with no rule for the client");
+}

@@ -140,7 +140,7 @@ impl Gate {
         // SAFETY: value copied out at once; the agent replaces entries whole.
         let policy = unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }.unwrap_or_default();
         if !point.isolated(&policy) {
-            self.track(flow.key(here), flow, from_host);
+            self.track(flow, here, there, from_host);
             return self.record(subject, dir, verdict::ALLOW_NOT_ISOLATED, None);
         }
         let now = now_ns();
@@ -187,9 +187,12 @@ impl Gate {
     /// its replies still pass once the pod becomes isolated on the other side (a policy
     /// change must not break an allowed established connection). Cheap on the hot path: a TCP
     /// connection is remembered at its SYN, with no lookup on its later packets; other flows
-    /// are looked up and refreshed.
+    /// are looked up and refreshed — first as a reply (a flow the other point remembered),
+    /// which must not be remembered as a flow of its own: it would later let the peer's
+    /// packets in as its "replies".
     #[inline(always)]
-    fn track(&self, key: CtKey, flow: &Flow, from_host: bool) {
+    fn track(&self, flow: &Flow, here: u8, there: u8, from_host: bool) {
+        let key = flow.key(here);
         if flow.proto == PROTO_TCP {
             if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                 self.remember(&key, flow, from_host, now_ns());
@@ -197,6 +200,12 @@ impl Gate {
             return;
         }
         let now = now_ns();
+        if let Some(entry) = POLICY_CT.get_ptr_mut(&flow.reversed().key(there)) {
+            // SAFETY: valid map value; racing writers only touch age, flags and epoch.
+            if alive(unsafe { &mut *entry }, flow, now) {
+                return;
+            }
+        }
         if let Some(entry) = POLICY_CT.get_ptr_mut(&key) {
             // SAFETY: valid map value; racing writers only touch age, flags and epoch.
             let entry = unsafe { &mut *entry };

@@ -1,7 +1,8 @@
 //! `ferrovia-demo`: one simulated node, the real agent on the example manifests of
 //! `deploy/examples/`, two echo backends behind the `hostnames` `ClusterIP` Service and a client
 //! pod. Shows the spread of requests over the backends, the hairpin case, on the socket-level
-//! path and then on the per-packet path, and which source address each backend saw.
+//! path and then on the per-packet path, and which source address each backend saw; then a
+//! NetworkPolicy (`deploy/policies/`) that admits only the client's TCP.
 //! Everything lives in network namespaces and is removed on exit.
 //!
 //! Needs root and the workspace binaries (`cargo xtask demo` builds them).
@@ -99,6 +100,30 @@ fn main() -> Result<()> {
         args.requests,
         "per-packet LB (tc on the pods' host-side veths)",
     )?;
+
+    let policy_file = "deploy/policies/hostnames-from-client.yaml";
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(policy_file);
+    node.write_manifest("policy.yaml", &std::fs::read_to_string(&policy)?)?;
+    let rejected = agent.sync()?;
+    if !rejected.is_empty() {
+        bail!("the demo's policy was rejected: {rejected:?}");
+    }
+    println!("\n== NetworkPolicy {policy_file} (applied, agent synced)");
+    println!("   hostnames pods admit only app=client, only on their port named http (TCP 9376)");
+    // Denied requests wait for their timeout (drops are silent): a few, with a short one.
+    let short = |spec: ProbeSpec| spec.count(5).timeout(Duration::from_millis(300));
+    report(
+        &format!("client -> {vip} TCP"),
+        &client.probe(&ProbeSpec::tcp(vip).count(args.requests))?,
+    );
+    report(
+        &format!("client -> {vip} UDP"),
+        &client.probe(&short(ProbeSpec::udp(vip)))?,
+    );
+    report(
+        &format!("{} -> {vip} TCP (not app=client)", backends[0].name),
+        &backends[0].probe(&short(ProbeSpec::tcp(vip)))?,
+    );
 
     println!("\n== cleaning up");
     drop(agent);
