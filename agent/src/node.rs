@@ -233,6 +233,11 @@ impl PodRegistry for Node {
         if let Some(cookie) = record.netns_cookie {
             inner.datapath.remove_pod_netns(cookie);
         }
+        for ip in &record.ips {
+            if let std::net::IpAddr::V4(v4) = ip {
+                inner.datapath.forget_pod_flows(*v4);
+            }
+        }
         tracing::info!(pod = %format!("{}/{}", record.namespace, record.name), "pod unregistered");
         self.persist(&inner).map_err(ApiError::internal)?;
         Self::resync(&mut inner);

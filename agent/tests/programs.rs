@@ -65,34 +65,49 @@ fn base_frontends() -> Vec<FrontendSpec> {
     ]
 }
 
+/// The map sizes program tests load with: small.
+fn small_maps() -> MapSizes {
+    MapSizes {
+        conntrack: 1024,
+        services: 1024,
+        backends: 1024,
+        ..MapSizes::default()
+    }
+}
+
 /// Loads the data path on `root`, adopting whatever is pinned there.
 fn open(root: &std::path::Path) -> Datapath {
+    open_sized(root, small_maps())
+}
+
+fn open_sized(root: &std::path::Path, sizes: MapSizes) -> Datapath {
     Datapath::load(DatapathConfig {
         bpffs_root: root.to_path_buf(),
         socket_lb_cgroup: None,
-        sizes: MapSizes {
-            conntrack: 1024,
-            services: 1024,
-            backends: 1024,
-            ..MapSizes::default()
-        },
+        sizes,
         prefer_tcx: true,
         network_policy: true,
     })
     .expect("loading the data path (needs root and bpffs at /sys/fs/bpf)")
 }
 
+/// A data path of its own for `test`, with the base frontends.
 fn load(test: &str) -> Loaded {
-    let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let mut loaded = Loaded {
-        dp: None,
-        root: root.clone(),
-    };
-    let dp = loaded.dp.insert(open(&root));
+    let mut loaded = load_sized(test, small_maps());
+    let dp = loaded.dp.as_mut().unwrap();
     let (_, errors) = dp.sync_frontends(&base_frontends());
     assert!(errors.is_empty(), "{errors:?}");
     loaded
+}
+
+/// A data path of its own for `test` with map `sizes`, and nothing written.
+fn load_sized(test: &str, sizes: MapSizes) -> Loaded {
+    let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    Loaded {
+        dp: Some(open_sized(&root, sizes)),
+        root,
+    }
 }
 
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
@@ -720,6 +735,21 @@ fn backend_policy(egress_isolated: bool) -> PolicyDesired {
     }
 }
 
+/// `pod`, the only local pod, with a class of these rules (`None`: not isolated that way).
+fn isolate(
+    pod: [u8; 4],
+    ingress: Option<DirectionRules>,
+    egress: Option<DirectionRules>,
+) -> PolicyDesired {
+    PolicyDesired {
+        endpoints: [(pod.into(), Arc::new(PolicyClass { ingress, egress }))]
+            .into_iter()
+            .collect(),
+        local: [pod.into()].into_iter().collect(),
+        policies_in_force: 1,
+    }
+}
+
 fn verdicts(t: &Loaded, pod: [u8; 4], dir: u8, reason: u8) -> u64 {
     let all = t.dp.as_ref().unwrap().policy_verdicts().unwrap();
     all.get(&(pod.into(), dir, reason)).map_or(0, |v| v.0)
@@ -949,19 +979,7 @@ fn egress_to_a_vip_is_judged_against_the_backend() {
         let rules: DirectionRules = [(prefix(peer, 32), allow(ports(&[(6, port, port)])))]
             .into_iter()
             .collect();
-        PolicyDesired {
-            endpoints: [(
-                CLIENT.into(),
-                Arc::new(PolicyClass {
-                    ingress: None,
-                    egress: Some(rules),
-                }),
-            )]
-            .into_iter()
-            .collect(),
-            local: [CLIENT.into()].into_iter().collect(),
-            policies_in_force: 1,
-        }
+        isolate(CLIENT, None, Some(rules))
     };
     sync_policy(&mut t, &egress(BACKEND, 9376));
     let (v, out) = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, true, b""));
@@ -1051,26 +1069,30 @@ fn sctp_by_port_and_icmp_only_by_rules_without_ports() {
     let echo = |src, dst, ty: u8| raw_ipv4(src, dst, 1, &[ty, 0, 0, 0, 0, 1, 0, 1]);
     let policy = |client: PortSet| {
         let rules: DirectionRules = [(prefix(CLIENT, 32), allow(client))].into_iter().collect();
-        PolicyDesired {
-            endpoints: [(
-                BACKEND.into(),
-                Arc::new(PolicyClass {
-                    ingress: Some(rules),
-                    egress: Some(DirectionRules::new()),
-                }),
-            )]
-            .into_iter()
-            .collect(),
-            local: [BACKEND.into()].into_iter().collect(),
-            policies_in_force: 1,
-        }
+        isolate(BACKEND, Some(rules), Some(DirectionRules::new()))
     };
     sync_policy(&mut t, &policy(ports(&[(132, 3868, 3868), (6, 80, 80)])));
-    assert_eq!(to_pod(&t, &sctp(40000, 3868)), TC_ACT_OK, "SCTP on its port");
-    assert_eq!(to_pod(&t, &sctp(40000, 3869)), TC_ACT_SHOT, "SCTP elsewhere");
-    assert_eq!(to_pod(&t, &echo(CLIENT, BACKEND, 8)), TC_ACT_SHOT, "ping vs port rules");
+    assert_eq!(
+        to_pod(&t, &sctp(40000, 3868)),
+        TC_ACT_OK,
+        "SCTP on its port"
+    );
+    assert_eq!(
+        to_pod(&t, &sctp(40000, 3869)),
+        TC_ACT_SHOT,
+        "SCTP elsewhere"
+    );
+    assert_eq!(
+        to_pod(&t, &echo(CLIENT, BACKEND, 8)),
+        TC_ACT_SHOT,
+        "ping vs port rules"
+    );
     sync_policy(&mut t, &policy(PortSet::Any));
-    assert_eq!(to_pod(&t, &echo(CLIENT, BACKEND, 8)), TC_ACT_OK, "ping, rule without ports");
+    assert_eq!(
+        to_pod(&t, &echo(CLIENT, BACKEND, 8)),
+        TC_ACT_OK,
+        "ping, rule without ports"
+    );
     let (v, _) = run(&t, "from_pod", &echo(BACKEND, CLIENT, 0));
     assert_eq!(v, TC_ACT_OK, "echo reply");
     let (v, _) = run(&t, "from_pod", &echo(BACKEND, OTHER, 8));
@@ -1088,9 +1110,22 @@ fn a_udp_flow_from_before_isolation_is_judged_not_taken_for_a_reply() {
     assert_eq!(to_pod(&t, &query), TC_ACT_OK, "not isolated yet");
     let (v, _) = run(&t, "from_pod", &udp(BACKEND, 53, CLIENT, 40000, b"a"));
     assert_eq!(v, TC_ACT_OK, "its answer");
-    let isolate = PolicyDesired {
+    let isolate = isolate(BACKEND, Some(DirectionRules::new()), None);
+    sync_policy(&mut t, &isolate);
+    assert_eq!(
+        to_pod(&t, &query),
+        TC_ACT_SHOT,
+        "isolated with no rule for the client"
+    );
+}
+
+// ---- Review: NetworkPolicy edge cases -------------------------------------------------------
+
+/// Only `pod` isolated for ingress, with no rule at all ("default deny ingress"), egress free.
+fn deny_ingress(pod: [u8; 4]) -> PolicyDesired {
+    PolicyDesired {
         endpoints: [(
-            BACKEND.into(),
+            pod.into(),
             Arc::new(PolicyClass {
                 ingress: Some(DirectionRules::new()),
                 egress: None,
@@ -1098,9 +1133,785 @@ fn a_udp_flow_from_before_isolation_is_judged_not_taken_for_a_reply() {
         )]
         .into_iter()
         .collect(),
-        local: [BACKEND.into()].into_iter().collect(),
+        local: [BACKEND.into(), CLIENT.into()].into_iter().collect(),
         policies_in_force: 1,
+    }
+}
+
+/// A client with "default deny ingress" calls a VIP whose backend runs on the same node (the
+/// per-packet path: connected UDP, e.g. glibc's resolver to a node-local `CoreDNS`). The
+/// answer is the reply of a flow the client's egress allowed and must pass; policy must not
+/// judge the VIP as a new peer. So the backend's `from_pod` leaves the answer as it is (it
+/// has the IN conntrack entry too, but only translates hairpins), and the client's `to_pod`
+/// judges it as it came, from the backend, then reverse-NATs it to VIP:53 — as it does for a
+/// remote backend.
+#[test]
+fn reply_of_a_local_backend_through_a_vip_reaches_an_ingress_isolated_client() {
+    let mut t = load("rv-local-backend");
+    sync_policy(&mut t, &deny_ingress(CLIENT));
+    // UDP (connected sockets are always on the per-packet path).
+    let (v, out) = run(&t, "from_pod", &udp(CLIENT, 5000, VIP, 53, b"q"));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(parse(&out).dst, BACKEND);
+    assert_eq!(
+        to_pod(&t, &out),
+        TC_ACT_OK,
+        "query into the (local) backend"
+    );
+    let (v, answer) = run(&t, "from_pod", &udp(BACKEND, 5353, CLIENT, 5000, b"a"));
+    assert_eq!(v, TC_ACT_OK, "the backend answers");
+    let p = parse(&answer);
+    assert_eq!(
+        (p.src, p.sport),
+        (BACKEND, 5353),
+        "not translated at the backend"
+    );
+    let (v, delivered) =
+        t.dp.as_ref()
+            .unwrap()
+            .test_run_from("to_pod", &answer, FORWARDED)
+            .unwrap();
+    assert_eq!(
+        v, TC_ACT_OK,
+        "the answer is the reply of the client's allowed query"
+    );
+    let p = parse(&delivered);
+    assert_eq!((p.src, p.sport), (VIP, 53), "reverse-NATed at the client");
+    // TCP, when the socket-level path is off.
+    let (_, syn) = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, true, b""));
+    assert_eq!(to_pod(&t, &syn), TC_ACT_OK);
+    let (v, synack) = run(
+        &t,
+        "from_pod",
+        &tcp(BACKEND, 9376, CLIENT, 40000, false, b""),
+    );
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(
+        to_pod(&t, &synack),
+        TC_ACT_OK,
+        "TCP reply of a local backend"
+    );
+    assert_eq!(
+        verdicts(&t, CLIENT, POL_DIR_INGRESS, verdict::DENY_NO_RULE),
+        0,
+        "no reply counted as denied-by-default"
+    );
+}
+
+/// A pod that is not isolated leaves while the agent is down. After the restart the first
+/// sync must forget its verdict counters (they would be exported for a pod that no longer
+/// exists, until some other pod comes or goes). `adopt` takes the isolated endpoints as the
+/// set of local pods, so when every remaining pod is isolated nothing looks changed.
+#[test]
+fn verdicts_of_a_pod_that_left_while_the_agent_was_down_are_forgotten() {
+    let mut t = load("rv-verdicts-restart");
+    sync_policy(&mut t, &backend_policy(false));
+    assert_eq!(
+        to_pod(&t, &tcp(BACKEND, 40000, CLIENT, 1234, true, b"")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        verdicts(&t, CLIENT, POL_DIR_INGRESS, verdict::ALLOW_NOT_ISOLATED),
+        1
+    );
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    let mut after = backend_policy(false);
+    after.local.remove(&CLIENT.into());
+    sync_policy(&mut t, &after);
+    assert_eq!(
+        verdicts(&t, CLIENT, POL_DIR_INGRESS, verdict::ALLOW_NOT_ISOLATED),
+        0,
+        "counters of a pod that is gone"
+    );
+}
+
+/// Opens the pinned `POLICY_PORTS` trie of a loaded data path (as an interrupted sync or
+/// another writer would have left it).
+fn ports_trie(
+    t: &Loaded,
+) -> aya::maps::lpm_trie::LpmTrie<aya::maps::MapData, ferrovia_common::PolicyPortKey, u32> {
+    let data = aya::maps::MapData::from_pin(t.root.join("POLICY_PORTS")).expect("pinned map");
+    aya::maps::lpm_trie::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).expect("trie")
+}
+
+/// A port set of `n` single, non-adjacent TCP ports from `first`: `n` trie entries.
+fn single_ports(first: u16, n: u16) -> PortSet {
+    ports(
+        &(0..n)
+            .map(|i| (6, first + 2 * i, first + 2 * i))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A sync whose second new port set fails to write (the trie is full for a reason the
+/// writer's count does not know) rolls back its accounting with its entries: the same sync,
+/// retried once there is room, succeeds. (Found in review: the count kept the rolled-back
+/// entries, and every later sync was refused as "map full" on an empty map.)
+#[test]
+fn a_failed_port_set_write_leaves_the_capacity_count_as_it_was() {
+    use ferrovia_common::PolicyPortKey;
+    let mut t = load_sized(
+        "rv-ports-full",
+        MapSizes {
+            policy_ports: 64,
+            ..small_maps()
+        },
+    );
+    // 10 foreign entries the writer does not count.
+    let mut trie = ports_trie(&t);
+    let junk = |i: u16| {
+        aya::maps::lpm_trie::Key::new(
+            64,
+            PolicyPortKey {
+                portset_id: 99_999,
+                proto: 6,
+                _pad: 0,
+                port: i.to_be(),
+            },
+        )
     };
-    sync_policy(&mut t, &isolate);
-    assert_eq!(to_pod(&t, &query), TC_ACT_SHOT, "isolated with no rule for the client");
+    for i in 0..10 {
+        trie.insert(&junk(i), 1, 0).unwrap();
+    }
+    let rules: DirectionRules = [
+        (prefix(CLIENT, 32), allow(single_ports(1001, 30))),
+        (prefix(OTHER, 32), allow(single_ports(3001, 30))),
+    ]
+    .into_iter()
+    .collect();
+    let desired = isolate(BACKEND, Some(rules), None);
+    // 60 entries needed, 0 counted, capacity 64: the check passes, the second set fails.
+    let first = t.dp.as_mut().unwrap().sync_policy(&desired);
+    assert!(first.is_err(), "the trie is really full: {first:?}");
+    assert_eq!(
+        ports_trie(&t).keys().count(),
+        10,
+        "the failed sync left nothing of its own"
+    );
+    for i in 0..10 {
+        trie.remove(&junk(i)).unwrap();
+    }
+    let again = t.dp.as_mut().unwrap().sync_policy(&desired);
+    assert!(again.is_ok(), "60 of 64 entries on an empty map: {again:?}");
+}
+
+/// An interrupted sync left a port set nobody references (an orphan, id 500) whose content a
+/// class then needs again. Deleting the orphan (by id) must not make the writer forget the
+/// live copy, whose entries would otherwise stay in `POLICY_PORTS` for good once the class
+/// goes. (Found in review.)
+#[test]
+fn an_orphan_port_set_equal_to_a_live_one_does_not_leak_the_live_one() {
+    use ferrovia_common::{PORT_KEY_FIXED_BITS, PolicyPortKey};
+    let mut t = load("rv-orphan-set");
+    let set = ports(&[(6, 80, 81)]);
+    let mut trie = ports_trie(&t);
+    for (bits, proto, port) in ferrovia_agent::datapath::policy::port_prefixes(&set) {
+        assert!(bits > PORT_KEY_FIXED_BITS);
+        let key = PolicyPortKey {
+            portset_id: 500,
+            proto,
+            _pad: 0,
+            port: port.to_be(),
+        };
+        trie.insert(&aya::maps::lpm_trie::Key::new(bits, key), 1, 0)
+            .unwrap();
+    }
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    let rules: DirectionRules = [(prefix(CLIENT, 32), allow(set))].into_iter().collect();
+    let desired = isolate(BACKEND, Some(rules), None);
+    sync_policy(&mut t, &desired);
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    sync_policy(&mut t, &PolicyDesired::default());
+    let left: Vec<_> = ports_trie(&t).keys().map(Result::unwrap).collect();
+    assert!(
+        left.is_empty(),
+        "no policy left, yet POLICY_PORTS holds {} entries",
+        left.len()
+    );
+}
+
+/// A sync that fails half-way through switching endpoints (a map write refused although the
+/// capacity check passed) has pointed some pods at their new class: the epoch is bumped all
+/// the same, so a packet of an established flow and a new flow with the same peer and port
+/// get the same verdict. (Found in review: the error returned before the bump.)
+#[test]
+fn a_sync_failing_after_switching_some_endpoints_still_rejudges_their_flows() {
+    use ferrovia_common::{EndpointKey, EndpointPolicy, FAMILY_V4};
+    let mut t = load_sized(
+        "rv-switch-fail",
+        MapSizes {
+            policy_endpoints: 4,
+            ..small_maps()
+        },
+    );
+    sync_policy(&mut t, &backend_policy(false));
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK,
+        "allowed under the first policy"
+    );
+    // Three foreign entries fill POLICY_ENDPOINTS (4) behind the writer's back.
+    let data = aya::maps::MapData::from_pin(t.root.join("POLICY_ENDPOINTS")).unwrap();
+    let mut endpoints: aya::maps::HashMap<_, EndpointKey, EndpointPolicy> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    for i in 1..=3u8 {
+        let key = EndpointKey {
+            addr: [u32::from_ne_bytes([192, 168, 7, i]), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        endpoints.insert(key, EndpointPolicy::default(), 0).unwrap();
+    }
+    // BACKEND loses port 80 for CLIENT; a new isolated pod, after BACKEND in address order,
+    // does not fit.
+    let mut changed = backend_policy(false);
+    let class = Arc::make_mut(changed.endpoints.get_mut(&BACKEND.into()).unwrap());
+    class
+        .ingress
+        .as_mut()
+        .unwrap()
+        .insert(prefix(CLIENT, 32), allow(ports(&[(6, 9000, 9000)])));
+    let class = Arc::clone(&changed.endpoints[&BACKEND.into()]);
+    changed.endpoints.insert([10, 244, 2, 1].into(), class);
+    let result = t.dp.as_mut().unwrap().sync_policy(&changed);
+    assert!(
+        result.is_err(),
+        "the new endpoint cannot be written: {result:?}"
+    );
+    let new_flow = to_pod(&t, &tcp(CLIENT, 40001, BACKEND, 80, true, b""));
+    let established = to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, false, b"x"));
+    assert_eq!(
+        established, new_flow,
+        "established flow and new flow to the same port judged alike (new flow: {new_flow})"
+    );
+}
+
+/// `packet` with the IP flags / fragment offset word set to `frag` (IP checksum left stale:
+/// the programs do not check it).
+fn fragment(mut packet: Vec<u8>, frag: u16) -> Vec<u8> {
+    packet[20..22].copy_from_slice(&frag.to_be_bytes());
+    packet
+}
+
+/// A large UDP answer (DNS over UDP with EDNS, …) comes back fragmented to a client whose
+/// ingress is "default deny": it is the reply of a flow the client's egress allowed and
+/// passes like its unfragmented replies. The first fragment is judged by its ports; the later
+/// ones (no ports) follow it by (source, destination, IP id, protocol).
+#[test]
+fn fragments_of_an_allowed_flows_reply_pass() {
+    let mut t = load("rv-frag-reply");
+    sync_policy(&mut t, &deny_ingress(CLIENT));
+    let (v, _) = run(&t, "from_pod", &udp(CLIENT, 5000, OTHER, 53, b"q"));
+    assert_eq!(v, TC_ACT_OK, "query (egress not isolated)");
+    let answer = udp(OTHER, 53, CLIENT, 5000, &[0u8; 64]);
+    assert_eq!(to_pod(&t, &answer), TC_ACT_OK, "an unfragmented answer");
+    assert_eq!(
+        to_pod(&t, &fragment(answer.clone(), 0x2000)),
+        TC_ACT_OK,
+        "first fragment (more-fragments, offset 0: it has the UDP header)"
+    );
+    assert_eq!(
+        to_pod(&t, &fragment(answer, 0x0009)),
+        TC_ACT_OK,
+        "last fragment (offset 72 bytes)"
+    );
+}
+
+/// CLIENT: ingress "default deny", egress allowed to OTHER on UDP 53 only when `allowed`.
+fn client_egress_to_other(allowed: bool) -> PolicyDesired {
+    let mut rules = DirectionRules::new();
+    if allowed {
+        rules.insert(prefix(OTHER, 32), allow(ports(&[(17, 53, 53)])));
+    }
+    isolate(CLIENT, Some(DirectionRules::new()), Some(rules))
+}
+
+/// A policy change that denies a flow, then one that allows it again (a label flapping, a
+/// policy edited and reverted). A reply arriving in between is dropped, but the flow's entry
+/// stays (it expires on its own), so once the flow is allowed again its replies pass at once
+/// — a server-push stream does not stall until the client sends.
+#[test]
+fn replies_resume_when_a_flow_is_allowed_again() {
+    let mut t = load("rv-flap");
+    sync_policy(&mut t, &client_egress_to_other(true));
+    let query = udp(CLIENT, 5000, OTHER, 53, b"q");
+    let answer = udp(OTHER, 53, CLIENT, 5000, b"a");
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    assert_eq!(to_pod(&t, &answer), TC_ACT_OK, "reply");
+    sync_policy(&mut t, &client_egress_to_other(false));
+    assert_eq!(to_pod(&t, &answer), TC_ACT_SHOT, "flow denied: cut");
+    sync_policy(&mut t, &client_egress_to_other(true));
+    assert_eq!(
+        to_pod(&t, &answer),
+        TC_ACT_OK,
+        "allowed again: its replies go on, as they would had none come in between"
+    );
+}
+
+/// A pod isolated for ingress only ("default deny ingress") keeps a TCP connection it opened.
+/// When the connection's entry leaves `POLICY_CT` (LRU eviction, or a connection older than
+/// enforcement), the client's next packet remembers it again at its (not isolated) egress,
+/// since its ingress is isolated, so the server's packets pass as replies again.
+#[test]
+fn a_connection_whose_entry_was_evicted_recovers_on_the_clients_next_packet() {
+    use ferrovia_common::{CtKey, PolicyCtValue};
+    let mut t = load("rv-evicted");
+    sync_policy(&mut t, &deny_ingress(CLIENT));
+    assert_eq!(
+        run(&t, "from_pod", &tcp(CLIENT, 40000, OTHER, 80, true, b"")).0,
+        TC_ACT_OK
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(OTHER, 80, CLIENT, 40000, false, b"")),
+        TC_ACT_OK,
+        "SYN-ACK: reply"
+    );
+    // Evicted (or never seen).
+    let mut ct = pinned_map::<CtKey, PolicyCtValue>(&t, "POLICY_CT");
+    let keys: Vec<CtKey> = ct.keys().map(Result::unwrap).collect();
+    assert!(!keys.is_empty());
+    for key in keys {
+        ct.remove(&key).unwrap();
+    }
+    assert_eq!(
+        run(
+            &t,
+            "from_pod",
+            &tcp(CLIENT, 40000, OTHER, 80, false, b"GET /")
+        )
+        .0,
+        TC_ACT_OK,
+        "the client goes on"
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(OTHER, 80, CLIENT, 40000, false, b"200 OK")),
+        TC_ACT_OK,
+        "the server's answer to the client's own request"
+    );
+}
+
+/// CLIENT: ingress "default deny", egress allowed to OTHER on TCP 80.
+fn client_egress_to_other_tcp80() -> PolicyDesired {
+    let rules: DirectionRules = [(prefix(OTHER, 32), allow(ports(&[(6, 80, 80)])))]
+        .into_iter()
+        .collect();
+    isolate(CLIENT, Some(DirectionRules::new()), Some(rules))
+}
+
+/// A TCP connection closes (FIN: its entry lives `CT_TIMEOUT_CLOSING_NS` idle), and the client
+/// opens a new one on the same tuple at once (the server closed first, so the client has no
+/// `TIME_WAIT`). The new SYN starts the entry afresh (closing flag cleared, in both
+/// conntracks), so the new connection may idle like any other without its replies being
+/// dropped later.
+#[test]
+fn a_new_connection_on_a_closing_tuple_is_not_forgotten_after_ten_seconds() {
+    use ferrovia_common::{CtKey, PolicyCtValue};
+    let mut t = load("rv-reuse-closing");
+    sync_policy(&mut t, &client_egress_to_other_tcp80());
+    let out = |syn, data: &[u8]| run(&t, "from_pod", &tcp(CLIENT, 40000, OTHER, 80, syn, data)).0;
+    let back = |data: &[u8]| to_pod(&t, &tcp(OTHER, 80, CLIENT, 40000, false, data));
+    assert_eq!(out(true, b""), TC_ACT_OK);
+    assert_eq!(back(b""), TC_ACT_OK);
+    let mut fin = tcp(CLIENT, 40000, OTHER, 80, false, b"");
+    fin[14 + 20 + 13] = 0x11; // FIN|ACK
+    assert_eq!(
+        run(&t, "from_pod", &fin).0,
+        TC_ACT_OK,
+        "the first connection ends"
+    );
+    assert_eq!(out(true, b""), TC_ACT_OK, "a new connection, same tuple");
+    assert_eq!(back(b""), TC_ACT_OK, "its SYN-ACK");
+    assert_eq!(out(false, b"GET /"), TC_ACT_OK);
+    assert_eq!(back(b"200 OK"), TC_ACT_OK);
+    // Idle for 11 s: every entry last seen 11 s ago.
+    let mut ct = pinned_map::<CtKey, PolicyCtValue>(&t, "POLICY_CT");
+    let keys: Vec<CtKey> = ct.keys().map(Result::unwrap).collect();
+    for key in keys {
+        let mut value = ct.get(&key, 0).unwrap();
+        value.last_seen_ns = monotonic_ns() - 11_000_000_000;
+        ct.insert(key, value, 0).unwrap();
+    }
+    assert_eq!(
+        back(b"server push"),
+        TC_ACT_OK,
+        "an open connection idle for 11 s is still open"
+    );
+}
+
+/// Writes port set `id` with the entries of `set` straight into `POLICY_PORTS`, as a run of
+/// the agent that stopped half-way through a sync would have left it.
+fn write_port_set(t: &Loaded, id: u32, set: &PortSet) {
+    let mut trie = ports_trie(t);
+    for (bits, proto, port) in ferrovia_agent::datapath::policy::port_prefixes(set) {
+        let key = ferrovia_common::PolicyPortKey {
+            portset_id: id,
+            proto,
+            _pad: 0,
+            port: port.to_be(),
+        };
+        trie.insert(&aya::maps::lpm_trie::Key::new(bits, key), 1, 0)
+            .unwrap();
+    }
+}
+
+/// Two copies of one port set are pinned after interrupted syncs: an orphan with a low id and
+/// the live copy, with a higher id, that a class's peer entries point at. On restart `adopt`
+/// keeps the port sets the adopted classes point at, by id (not the first id met for a
+/// content), so the class's traffic keeps its ports.
+#[test]
+fn adopt_keeps_the_port_set_the_classes_point_at() {
+    let mut t = load("rv-adopt-dup-set");
+    let with = |set: PortSet| {
+        let rules: DirectionRules = [(prefix(CLIENT, 32), allow(set))].into_iter().collect();
+        isolate(BACKEND, Some(rules), None)
+    };
+    let s = ports(&[(6, 80, 80)]);
+    // Ids 1 (port set) and 2 (class) are used, then freed: the live copy of `s` gets id 3.
+    sync_policy(&mut t, &with(ports(&[(6, 22, 22)])));
+    sync_policy(&mut t, &with(s.clone()));
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    write_port_set(&t, 1, &s);
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    sync_policy(&mut t, &with(s));
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40001, BACKEND, 80, true, b"")),
+        TC_ACT_OK,
+        "the class's port set survives the restart"
+    );
+}
+
+/// `default/web` (app=web, local at BACKEND), isolated for ingress by a policy allowing
+/// pods labelled app=agent; plus `extra` pods (name, labels, hostNetwork, podIP).
+fn web_allowing_agents(
+    extra: &[(&str, &str, bool, &str)],
+) -> (
+    ferrovia_agent::model::ClusterState,
+    ferrovia_agent::model::PodIps,
+) {
+    use ferrovia_agent::model::{ClusterState, ObjRef};
+    use serde_json::json;
+    let mut st = ClusterState::default();
+    let pod = |name: &str, app: &str, host: bool, ip: &str| -> k8s_openapi::api::core::v1::Pod {
+        let mut v = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"hostNetwork": host, "containers": [{"name": "c", "image": "i"}]},
+        });
+        if !ip.is_empty() {
+            v["status"] = json!({"podIP": ip, "phase": "Running"});
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    st.pods.insert(
+        ObjRef::new("default", "web"),
+        Arc::new(pod("web", "web", false, "")),
+    );
+    for &(name, app, host, ip) in extra {
+        st.pods.insert(
+            ObjRef::new("default", name),
+            Arc::new(pod(name, app, host, ip)),
+        );
+    }
+    let policy: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-agents", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "agent"}}}]}],
+        },
+    }))
+    .unwrap();
+    st.network_policies
+        .insert(ObjRef::new("default", "allow-agents"), Arc::new(policy));
+    let local = [(
+        ObjRef::new("default", "web"),
+        vec![std::net::IpAddr::from(BACKEND)],
+    )]
+    .into_iter()
+    .collect();
+    (st, local)
+}
+
+/// Upstream leaves `NetworkPolicy` and `hostNetwork` pods to two choices: tell their traffic
+/// apart (ferrovia cannot), or ignore `hostNetwork` pods when matching `podSelector` /
+/// `namespaceSelector`, their traffic being the node's. The compiler ignores them: a
+/// `hostNetwork` pod's podIP (its node's address) is never a pod peer, and the verdict does
+/// not depend on which of two such pods on one node the index met last.
+#[test]
+fn host_network_pods_are_not_pod_peers() {
+    let node: [u8; 4] = [192, 168, 1, 10];
+    let judge = |extra: &[(&str, &str, bool, &str)]| {
+        let (st, local) = web_allowing_agents(extra);
+        let desired = ferrovia_agent::model::policy::compile(&st, &local);
+        let mut t = load("rv-hostnet");
+        sync_policy(&mut t, &desired);
+        to_pod(&t, &tcp(node, 40000, BACKEND, 80, true, b""))
+    };
+    let alone = judge(&[("agent-a", "agent", true, "192.168.1.10")]);
+    let with_other = judge(&[
+        ("agent-a", "agent", true, "192.168.1.10"),
+        ("zz-other", "other", true, "192.168.1.10"),
+    ]);
+    assert_eq!(
+        (alone, with_other),
+        (TC_ACT_SHOT, TC_ACT_SHOT),
+        "the node's address is not allowed by selecting a hostNetwork pod"
+    );
+}
+
+/// Port ranges are written as aligned LPM
+/// blocks over the network-order port: every edge of a range is in, every neighbour out,
+/// and a port is not mistaken for its byte-swapped value (1 vs 256).
+#[test]
+fn port_ranges_by_trie_blocks_have_exact_edges() {
+    let mut t = load("rv-port-edges");
+    let set = ports(&[
+        (6, 1, 1),
+        (6, 1000, 2047),
+        (6, 65535, 65535),
+        (17, 32768, 65534),
+    ]);
+    let rules: DirectionRules = [(prefix(CLIENT, 32), allow(set.clone()))]
+        .into_iter()
+        .collect();
+    sync_policy(&mut t, &isolate(BACKEND, Some(rules), None));
+    let probes: &[(u8, u16)] = &[
+        (6, 0),
+        (6, 1),
+        (6, 2),
+        (6, 256),
+        (6, 999),
+        (6, 1000),
+        (6, 1007),
+        (6, 1008),
+        (6, 1023),
+        (6, 1024),
+        (6, 2047),
+        (6, 2048),
+        (6, 59395), // 2047 byte-swapped
+        (6, 65534),
+        (6, 65535),
+        (17, 1),
+        (17, 32767),
+        (17, 32768),
+        (17, 65534),
+        (17, 65535),
+    ];
+    for (i, &(proto, port)) in probes.iter().enumerate() {
+        let sport = 30000 + i as u16;
+        let packet = if proto == 6 {
+            tcp(CLIENT, sport, BACKEND, port, true, b"")
+        } else {
+            udp(CLIENT, sport, BACKEND, port, b"x")
+        };
+        let want = if set.allows(proto, port) {
+            TC_ACT_OK
+        } else {
+            TC_ACT_SHOT
+        };
+        assert_eq!(to_pod(&t, &packet), want, "proto {proto} port {port}");
+    }
+}
+
+/// An interrupted sync left an orphan class (peer entries of a class no endpoint uses) in a
+/// `POLICY_PEERS` that is nearly full. Orphans are removed before a sync installs anything,
+/// so they do not count against the new class. (Found in review: they were removed only
+/// after a successful install, and the policy was stuck.)
+#[test]
+fn an_orphan_class_does_not_wedge_later_syncs() {
+    use ferrovia_common::{
+        PEER_KEY_FIXED_BITS, POL_DIR_INGRESS as IN, PolicyPeerKey, PolicyPeerValue,
+    };
+    let sizes = MapSizes {
+        policy_peers: 8,
+        ..small_maps()
+    };
+    let mut t = load_sized("rv-orphan-wedge", sizes.clone());
+    {
+        let data = aya::maps::MapData::from_pin(t.root.join("POLICY_PEERS")).unwrap();
+        let mut peers: aya::maps::lpm_trie::LpmTrie<_, PolicyPeerKey, PolicyPeerValue> =
+            aya::maps::lpm_trie::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+        for i in 1..=6u8 {
+            let key = PolicyPeerKey {
+                class_id: 100,
+                dir: IN,
+                family: ferrovia_common::FAMILY_V4,
+                _pad: 0,
+                addr: [u32::from_ne_bytes([10, 9, 0, i]), 0, 0, 0],
+            };
+            let value = PolicyPeerValue {
+                portset_id: 0,
+                reason: u32::from(verdict::DENY_NO_RULE),
+            };
+            peers
+                .insert(
+                    &aya::maps::lpm_trie::Key::new(PEER_KEY_FIXED_BITS + 32, key),
+                    value,
+                    0,
+                )
+                .unwrap();
+        }
+    }
+    t.dp.take();
+    t.dp = Some(open_sized(&t.root, sizes));
+    // 3 live entries (backend_policy: CLIENT, the /24, EXCEPTED) into a map of 8 that holds
+    // 6 orphan entries: they fit once the orphans are gone.
+    let desired = backend_policy(true);
+    let first = t.dp.as_mut().unwrap().sync_policy(&desired);
+    let second = t.dp.as_mut().unwrap().sync_policy(&desired);
+    assert!(
+        first.is_ok() || second.is_ok(),
+        "3 live entries in a map of 8, yet: {first:?} then {second:?}"
+    );
+}
+
+/// CLIENT: ingress allows everything from OTHER; egress allows OTHER on UDP 53 only when
+/// `egress_allowed`.
+fn client_open_to_other(egress_allowed: bool) -> PolicyDesired {
+    let ingress: DirectionRules = [(prefix(OTHER, 32), allow(PortSet::Any))]
+        .into_iter()
+        .collect();
+    let mut egress = DirectionRules::new();
+    if egress_allowed {
+        egress.insert(prefix(OTHER, 32), allow(ports(&[(17, 53, 53)])));
+    }
+    isolate(CLIENT, Some(ingress), Some(egress))
+}
+
+/// A packet the pod's own ingress rules allow passes, whatever became of the flow it happens
+/// to answer. CLIENT's ingress allows everything from OTHER; its query to OTHER was allowed
+/// at its egress, which no longer allows it after a change. OTHER's next datagram matches
+/// the stale egress entry as a "reply": judged again there and denied, it is then judged as
+/// what it also is, a flow into CLIENT, and its ingress rules allow it.
+#[test]
+fn a_stale_reply_entry_does_not_override_the_pods_own_rules() {
+    let mut t = load("rv-stale-reply");
+    sync_policy(&mut t, &client_open_to_other(true));
+    assert_eq!(
+        run(&t, "from_pod", &udp(CLIENT, 5000, OTHER, 53, b"q")).0,
+        TC_ACT_OK
+    );
+    sync_policy(&mut t, &client_open_to_other(false));
+    let from_other = udp(OTHER, 53, CLIENT, 5000, b"a");
+    assert_eq!(
+        to_pod(&t, &from_other),
+        TC_ACT_OK,
+        "CLIENT's ingress allows anything from OTHER"
+    );
+    assert_eq!(to_pod(&t, &from_other), TC_ACT_OK, "and again");
+}
+
+/// Adopt round trips. Three classes: BACKEND's and
+/// a third pod's share one port set; CLIENT's is "deny all ingress" with no entry at all (its
+/// id lives only in `POLICY_ENDPOINTS`). A restart rewrites nothing; removing one user of the
+/// shared port set keeps it for the other; the entry-less class keeps denying; a new class
+/// after the restart gets an id that collides with nothing.
+#[test]
+fn adopt_round_trips_shared_port_sets_and_entry_less_classes() {
+    let mut t = load("rv-adopt-shared");
+    let third: [u8; 4] = [10, 244, 2, 1];
+    let s = ports(&[(6, 80, 80)]);
+    let allow_from = |peer: [u8; 4]| {
+        Arc::new(PolicyClass {
+            ingress: Some([(prefix(peer, 32), allow(s.clone()))].into_iter().collect()),
+            egress: None,
+        })
+    };
+    let deny_all = Arc::new(PolicyClass {
+        ingress: Some(DirectionRules::new()),
+        egress: None,
+    });
+    let desired = |with_third: bool| {
+        let mut endpoints: BTreeMap<std::net::Ipv4Addr, Arc<PolicyClass>> = [
+            (BACKEND.into(), allow_from(CLIENT)),
+            (CLIENT.into(), Arc::clone(&deny_all)),
+        ]
+        .into_iter()
+        .collect();
+        if with_third {
+            endpoints.insert(third.into(), allow_from(OTHER));
+        }
+        PolicyDesired {
+            endpoints,
+            local: [BACKEND.into(), CLIENT.into(), third.into()]
+                .into_iter()
+                .collect(),
+            policies_in_force: 2,
+        }
+    };
+    sync_policy(&mut t, &desired(true));
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    let again = t.dp.as_mut().unwrap().sync_policy(&desired(true)).unwrap();
+    assert!(!again.changed(), "{again:?}");
+    let report = t.dp.as_mut().unwrap().sync_policy(&desired(false)).unwrap();
+    assert_eq!(report.classes_removed, 1, "{report:?}");
+    assert_eq!(
+        ports_trie(&t).keys().count(),
+        1,
+        "the shared port set stays"
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK,
+        "BACKEND still allows CLIENT on 80"
+    );
+    assert_eq!(
+        to_pod(&t, &tcp(OTHER, 40001, CLIENT, 80, true, b"")),
+        TC_ACT_SHOT,
+        "CLIENT still denies all"
+    );
+    // A new class and port set after the restart.
+    let mut more = desired(false);
+    more.endpoints.insert(
+        third.into(),
+        Arc::new(PolicyClass {
+            ingress: Some(
+                [(prefix(OTHER, 32), allow(ports(&[(17, 53, 53)])))]
+                    .into_iter()
+                    .collect(),
+            ),
+            egress: None,
+        }),
+    );
+    sync_policy(&mut t, &more);
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40002, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    assert_eq!(to_pod(&t, &udp(OTHER, 40003, third, 53, b"q")), TC_ACT_OK);
+    assert_eq!(
+        to_pod(&t, &tcp(OTHER, 40004, CLIENT, 80, true, b"")),
+        TC_ACT_SHOT
+    );
+}
+
+/// A pod leaves and a new pod gets its address: the flows of the old one must not give the
+/// new one "replies" (the agent forgets them at CNI DEL).
+#[test]
+fn a_pods_flows_are_forgotten_when_it_leaves() {
+    let mut t = load("pol-forget");
+    sync_policy(&mut t, &backend_policy(true));
+    assert_eq!(
+        to_pod(&t, &tcp(CLIENT, 40000, BACKEND, 80, true, b"")),
+        TC_ACT_OK
+    );
+    let reply = tcp(BACKEND, 80, CLIENT, 40000, false, b"x");
+    assert_eq!(run(&t, "from_pod", &reply).0, TC_ACT_OK, "a reply, before");
+    let forgotten = t.dp.as_mut().unwrap().forget_pod_flows(BACKEND.into());
+    assert!(forgotten >= 1, "{forgotten}");
+    assert_eq!(
+        run(&t, "from_pod", &reply).0,
+        TC_ACT_SHOT,
+        "the same packet from a new pod at that address is not a reply"
+    );
 }

@@ -27,7 +27,7 @@ pub use services::{FrontendSpec, SyncReport, WriteError};
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrovia"));
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 15] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -42,6 +42,7 @@ pub const MAP_NAMES: [&str; 14] = [
     "POLICY_CT",
     "POLICY_VERDICTS",
     "POD_NETNS",
+    "POLICY_FRAGS",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -112,6 +113,7 @@ pub struct Datapath {
     services: services::ServiceWriter,
     policy: policy::PolicyWriter,
     pod_netns: HashMap<aya::maps::MapData, u64, ferrovia_common::EndpointKey>,
+    policy_ct: HashMap<aya::maps::MapData, ferrovia_common::CtKey, ferrovia_common::PolicyCtValue>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
 }
 
@@ -198,6 +200,7 @@ impl Datapath {
         )
         .context("reading the pinned service maps")?;
         let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
+        let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
                 endpoints: HashMap::try_from(take(&mut ebpf, "POLICY_ENDPOINTS")?)?,
@@ -227,6 +230,7 @@ impl Datapath {
             services,
             policy,
             pod_netns,
+            policy_ct,
             counters,
         })
     }
@@ -256,6 +260,23 @@ impl Datapath {
                 0,
             )
             .context("writing POD_NETNS")
+    }
+
+    /// Forgets the policy state of flows to and from `ip` (a pod that left): a new pod given
+    /// the same address must not inherit its predecessor's replies. Returns how many went.
+    /// Walks the whole policy conntrack (one syscall per entry): a pod deletion is rare.
+    pub fn forget_pod_flows(&mut self, ip: std::net::Ipv4Addr) -> usize {
+        let word = u32::from_ne_bytes(ip.octets());
+        let keys: Vec<ferrovia_common::CtKey> = self
+            .policy_ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.saddr[0] == word || k.daddr[0] == word)
+            .collect();
+        for key in &keys {
+            let _ = self.policy_ct.remove(key);
+        }
+        keys.len()
     }
 
     /// Forgets a network namespace; an unknown cookie is not an error.

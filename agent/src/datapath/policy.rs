@@ -66,6 +66,13 @@ pub struct PolicyCapacity {
     pub ports: u32,
 }
 
+/// A class in the maps: its id and the port-set ids its peer entries point at.
+#[derive(Clone, Debug)]
+struct Installed {
+    id: u32,
+    sets: BTreeSet<u32>,
+}
+
 pub struct PolicyWriter {
     endpoints_map: HashMap<MapData, EndpointKey, EndpointPolicy>,
     peers_map: LpmTrie<MapData, PolicyPeerKey, PolicyPeerValue>,
@@ -74,16 +81,23 @@ pub struct PolicyWriter {
     verdicts_map: PerCpuHashMap<MapData, VerdictKey, VerdictValue>,
     capacity: PolicyCapacity,
     state: PolicyState,
-    portsets: StdHashMap<PortSet, u32>,
-    classes: StdHashMap<Arc<PolicyClass>, u32>,
+    /// Port sets in the maps, by id; `set_ids` names the one new classes use for a content.
+    sets: BTreeMap<u32, PortSet>,
+    set_ids: StdHashMap<PortSet, u32>,
+    /// Classes in the maps that endpoints may point at, by content.
+    classes: StdHashMap<Arc<PolicyClass>, Installed>,
+    /// Classes endpoints still point at that duplicate one in `classes` (left by an
+    /// interrupted sync): removed once no endpoint points at them.
+    retired: BTreeMap<u32, (PolicyClass, Installed)>,
+    /// Classes and port sets nothing points at (an interrupted sync): removed first thing.
+    orphan_classes: BTreeMap<u32, PolicyClass>,
+    orphan_sets: BTreeMap<u32, PortSet>,
     endpoints: BTreeMap<Ipv4Addr, EndpointPolicy>,
-    local: BTreeSet<Ipv4Addr>,
+    /// Local pods whose verdicts are kept; `None` until the first sync after `adopt` (pods
+    /// may have left while the agent was down).
+    local: Option<BTreeSet<Ipv4Addr>>,
     /// Entries in use in (`POLICY_PEERS`, `POLICY_PORTS`).
     used: (usize, usize),
-    /// Ids found in the pinned maps that nothing references (an interrupted sync): removed by
-    /// the next sync.
-    orphan_classes: BTreeMap<u32, PolicyClass>,
-    orphan_portsets: BTreeMap<u32, PortSet>,
     next_id: u32,
 }
 
@@ -103,14 +117,14 @@ impl PolicyWriter {
         capacity: PolicyCapacity,
         enabled: bool,
     ) -> Result<Self, MapError> {
-        let (portsets_by_id, port_entries) = read_portsets(&maps.ports)?;
-        let (mut classes_by_id, peer_entries) = read_classes(&maps.peers, &portsets_by_id)?;
+        let (sets_by_id, port_entries) = read_portsets(&maps.ports)?;
+        let (mut classes_by_id, peer_entries) = read_classes(&maps.peers, &sets_by_id)?;
         let mut endpoints = BTreeMap::new();
         for item in &maps.endpoints {
             let (key, value) = item?;
             endpoints.insert(Ipv4Addr::from(key.addr[0].to_ne_bytes()), value);
             // Isolation with no rule at all has no peer entry: the flags say it.
-            let class = classes_by_id.entry(value.class_id).or_default();
+            let (class, _) = classes_by_id.entry(value.class_id).or_default();
             if value.flags & POL_ISOLATED_INGRESS != 0 {
                 class.ingress.get_or_insert_default();
             }
@@ -120,30 +134,39 @@ impl PolicyWriter {
         }
         let referenced: BTreeSet<u32> = endpoints.values().map(|e| e.class_id).collect();
         let mut classes = StdHashMap::new();
+        let mut retired = BTreeMap::new();
         let mut orphan_classes = BTreeMap::new();
-        for (id, class) in classes_by_id {
-            if referenced.contains(&id) && !classes.contains_key(&class) {
-                classes.insert(Arc::new(class), id);
-            } else {
+        for (id, (class, sets)) in classes_by_id {
+            let installed = Installed { id, sets };
+            if !referenced.contains(&id) {
                 orphan_classes.insert(id, class);
+            } else if classes.contains_key(&class) {
+                retired.insert(id, (class, installed));
+            } else {
+                classes.insert(Arc::new(class), installed);
             }
         }
-        let mut portsets = StdHashMap::new();
-        let mut orphan_portsets = BTreeMap::new();
-        let used_sets: BTreeSet<&PortSet> =
-            classes.keys().flat_map(|c| class_portsets(c)).collect();
-        for (id, set) in portsets_by_id {
-            if used_sets.contains(&set) && !portsets.contains_key(&set) {
-                portsets.insert(set, id);
-            } else {
-                orphan_portsets.insert(id, set);
-            }
+        // Port sets live by the ids classes point at, not by content: two copies of one
+        // content may both be pointed at.
+        let live: BTreeSet<u32> = classes
+            .values()
+            .chain(retired.values().map(|(_, i)| i))
+            .flat_map(|i| i.sets.iter().copied())
+            .collect();
+        let (sets, orphan_sets): (BTreeMap<u32, PortSet>, BTreeMap<u32, PortSet>) = sets_by_id
+            .into_iter()
+            .partition(|(id, _)| live.contains(id));
+        let mut set_ids = StdHashMap::new();
+        for (id, set) in &sets {
+            set_ids.entry(set.clone()).or_insert(*id);
         }
         let next_id = classes
             .values()
-            .chain(portsets.values())
-            .chain(orphan_classes.keys())
-            .chain(orphan_portsets.keys())
+            .map(|i| i.id)
+            .chain(retired.keys().copied())
+            .chain(orphan_classes.keys().copied())
+            .chain(sets.keys().copied())
+            .chain(orphan_sets.keys().copied())
             .max()
             .map_or(1, |m| m + 1);
         let mut state_map = maps.state;
@@ -153,7 +176,6 @@ impl PolicyWriter {
             enabled: u32::from(enabled),
         };
         state_map.set(0, state, 0)?;
-        let local = endpoints.keys().copied().collect();
         Ok(Self {
             endpoints_map: maps.endpoints,
             peers_map: maps.peers,
@@ -162,13 +184,15 @@ impl PolicyWriter {
             verdicts_map: maps.verdicts,
             capacity,
             state,
-            portsets,
+            sets,
+            set_ids,
             classes,
-            endpoints,
-            local,
-            used: (peer_entries, port_entries),
+            retired,
             orphan_classes,
-            orphan_portsets,
+            orphan_sets,
+            endpoints,
+            local: None,
+            used: (peer_entries, port_entries),
             next_id,
         })
     }
@@ -180,13 +204,19 @@ impl PolicyWriter {
     }
 
     /// Writes `desired`. On error the data path stays consistent (every endpoint points at
-    /// a complete class) and what could not be written is reported.
+    /// a complete class, flows of switched endpoints are judged again) and what could not be
+    /// written is reported.
     pub fn sync(&mut self, desired: &PolicyDesired) -> Result<PolicyReport, PolicyError> {
         let mut report = PolicyReport::default();
-        self.install_new(desired, &mut report)?;
-        self.switch_endpoints(desired, &mut report)?;
+        // Room first: what an interrupted sync left and nothing points at.
+        self.remove_orphans(&mut report);
+        let mut result = self.install_new(desired, &mut report);
+        if result.is_ok() {
+            result = self.switch_endpoints(desired, &mut report);
+        }
         self.remove_unreferenced(&mut report);
-        // Flows judged under the old rules are judged again on their next packet.
+        // Flows judged under the old rules are judged again on their next packet (also when
+        // a failed switch changed only some endpoints).
         if report.changed() {
             self.state.epoch = self.state.epoch.wrapping_add(1);
             // The epoch only has to differ from the flows' recorded ones; a failed write
@@ -194,11 +224,11 @@ impl PolicyWriter {
             let _ = self.state_map.set(0, self.state, 0);
         }
         report.epoch = self.state.epoch;
-        if desired.local != self.local {
+        if self.local.as_ref() != Some(&desired.local) {
             self.forget_verdicts(&desired.local);
-            self.local.clone_from(&desired.local);
+            self.local = Some(desired.local.clone());
         }
-        Ok(report)
+        result.map(|()| report)
     }
 
     /// Writes the port sets and classes `desired` needs and the maps lack; nothing
@@ -218,7 +248,7 @@ impl PolicyWriter {
         let mut new_sets: Vec<&PortSet> = Vec::new();
         for class in &new_classes {
             for set in class_portsets(class) {
-                if !self.portsets.contains_key(set) && !new_sets.contains(&set) {
+                if !self.set_ids.contains_key(set) && !new_sets.contains(&set) {
                     new_sets.push(set);
                 }
             }
@@ -249,42 +279,45 @@ impl PolicyWriter {
             self.capacity.endpoints,
         )?;
 
-        let mut written_sets = Vec::new();
+        let mut written_sets: Vec<u32> = Vec::new();
         for set in new_sets {
             let id = self.alloc_id();
             if let Err(e) = self.write_portset(id, set) {
                 self.delete_portset(id, set);
-                for (id, set) in written_sets {
-                    self.delete_portset(id, &set);
+                for id in written_sets {
+                    self.drop_set(id);
                 }
                 return Err(e);
             }
-            let n = port_prefixes(set).len();
-            self.used.1 += n;
-            report.entries_written += n;
-            written_sets.push((id, set.clone()));
+            self.used.1 += port_prefixes(set).len();
+            report.entries_written += port_prefixes(set).len();
+            self.sets.insert(id, set.clone());
+            self.set_ids.insert(set.clone(), id);
+            written_sets.push(id);
         }
-        for (id, set) in written_sets {
-            self.portsets.insert(set, id);
-        }
-        let mut written: Vec<(u32, Arc<PolicyClass>)> = Vec::new();
+        let mut written: Vec<Arc<PolicyClass>> = Vec::new();
         for class in new_classes {
             let id = self.alloc_id();
             if let Err(e) = self.write_class(id, &class) {
                 self.delete_class(id, &class);
-                for (id, class) in written {
-                    self.delete_class(id, &class);
-                    self.used.0 -= class_entries(&class);
-                    self.classes.remove(&class);
+                for class in written {
+                    if let Some(installed) = self.classes.remove(&class) {
+                        self.delete_class(installed.id, &class);
+                        self.used.0 -= class_entries(&class);
+                    }
                 }
-                self.collect_portsets();
+                for id in written_sets {
+                    self.drop_set(id);
+                }
                 return Err(e);
             }
+            let sets = class_portsets(&class).map(|s| self.set_ids[s]).collect();
             self.used.0 += class_entries(&class);
             report.entries_written += class_entries(&class);
             report.classes_added += 1;
-            self.classes.insert(Arc::clone(&class), id);
-            written.push((id, class));
+            self.classes
+                .insert(Arc::clone(&class), Installed { id, sets });
+            written.push(class);
         }
         Ok(())
     }
@@ -297,7 +330,7 @@ impl PolicyWriter {
     ) -> Result<(), PolicyError> {
         for (ip, class) in &desired.endpoints {
             let value = EndpointPolicy {
-                class_id: self.classes[class],
+                class_id: self.classes[class].id,
                 flags: flags(class),
             };
             if self.endpoints.get(ip) == Some(&value) {
@@ -327,14 +360,27 @@ impl PolicyWriter {
         Ok(())
     }
 
-    /// Removes classes and port sets no endpoint references any more.
+    /// Removes what an interrupted sync left that nothing points at.
+    fn remove_orphans(&mut self, report: &mut PolicyReport) {
+        for (id, class) in std::mem::take(&mut self.orphan_classes) {
+            self.delete_class(id, &class);
+            self.used.0 = self.used.0.saturating_sub(class_entries(&class));
+            report.classes_removed += 1;
+        }
+        for (id, set) in std::mem::take(&mut self.orphan_sets) {
+            self.delete_portset(id, &set);
+            self.used.1 = self.used.1.saturating_sub(port_prefixes(&set).len());
+        }
+    }
+
+    /// Removes classes no endpoint points at any more, then port sets no class points at.
     fn remove_unreferenced(&mut self, report: &mut PolicyReport) {
         let referenced: BTreeSet<u32> = self.endpoints.values().map(|e| e.class_id).collect();
         let unused: Vec<(Arc<PolicyClass>, u32)> = self
             .classes
             .iter()
-            .filter(|(_, id)| !referenced.contains(id))
-            .map(|(c, id)| (Arc::clone(c), *id))
+            .filter(|(_, i)| !referenced.contains(&i.id))
+            .map(|(c, i)| (Arc::clone(c), i.id))
             .collect();
         for (class, id) in unused {
             self.delete_class(id, &class);
@@ -342,12 +388,50 @@ impl PolicyWriter {
             self.classes.remove(&class);
             report.classes_removed += 1;
         }
-        for (id, class) in std::mem::take(&mut self.orphan_classes) {
-            self.delete_class(id, &class);
-            self.used.0 = self.used.0.saturating_sub(class_entries(&class));
-            report.classes_removed += 1;
+        let retired: Vec<u32> = self
+            .retired
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
+        for id in retired {
+            if let Some((class, _)) = self.retired.remove(&id) {
+                self.delete_class(id, &class);
+                self.used.0 = self.used.0.saturating_sub(class_entries(&class));
+                report.classes_removed += 1;
+            }
         }
-        self.collect_portsets();
+        let live: BTreeSet<u32> = self
+            .classes
+            .values()
+            .chain(self.retired.values().map(|(_, i)| i))
+            .flat_map(|i| i.sets.iter().copied())
+            .collect();
+        let dead: Vec<u32> = self
+            .sets
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in dead {
+            self.drop_set(id);
+        }
+    }
+
+    /// Deletes port set `id` from the map and the writer's view (by id: another id may hold
+    /// the same content).
+    fn drop_set(&mut self, id: u32) {
+        if let Some(set) = self.sets.remove(&id) {
+            self.delete_portset(id, &set);
+            self.used.1 = self.used.1.saturating_sub(port_prefixes(&set).len());
+            if self.set_ids.get(&set) == Some(&id) {
+                self.set_ids.remove(&set);
+                // Another live copy, if any, serves new classes from now on.
+                if let Some((other, _)) = self.sets.iter().find(|(_, s)| **s == set) {
+                    self.set_ids.insert(set, *other);
+                }
+            }
+        }
     }
 
     /// Summed per-CPU verdict counters: (pod, direction, reason) → (packets, bytes).
@@ -397,30 +481,6 @@ impl PolicyWriter {
         }
     }
 
-    /// Removes port sets no installed class uses (and orphans of a previous run).
-    fn collect_portsets(&mut self) {
-        let used: BTreeSet<PortSet> = self
-            .classes
-            .keys()
-            .flat_map(|c| class_portsets(c).cloned().collect::<Vec<_>>())
-            .collect();
-        let unused: Vec<(PortSet, u32)> = self
-            .portsets
-            .iter()
-            .filter(|(s, _)| !used.contains(s))
-            .map(|(s, id)| (s.clone(), *id))
-            .collect();
-        let orphans = std::mem::take(&mut self.orphan_portsets);
-        for (set, id) in unused
-            .into_iter()
-            .chain(orphans.into_iter().map(|(id, s)| (s, id)))
-        {
-            self.delete_portset(id, &set);
-            self.used.1 = self.used.1.saturating_sub(port_prefixes(&set).len());
-            self.portsets.remove(&set);
-        }
-    }
-
     fn write_class(&mut self, id: u32, class: &PolicyClass) -> Result<(), PolicyError> {
         for (dir, rules) in directions(class) {
             for (prefix, entry) in rules {
@@ -428,7 +488,7 @@ impl PolicyWriter {
                     portset_id: if entry.ports.is_empty() {
                         0
                     } else {
-                        self.portsets[&entry.ports]
+                        self.set_ids[&entry.ports]
                     },
                     reason: u32::from(entry.reason),
                 };
@@ -468,6 +528,8 @@ impl PolicyWriter {
 pub type Verdicts = BTreeMap<(Ipv4Addr, u8, u8), (u64, u64)>;
 
 type PortsTrie = LpmTrie<MapData, PolicyPortKey, u32>;
+/// Pinned classes by id: the class and the port-set ids its entries point at.
+type AdoptedClasses = BTreeMap<u32, (PolicyClass, BTreeSet<u32>)>;
 type PeersTrie = LpmTrie<MapData, PolicyPeerKey, PolicyPeerValue>;
 
 /// The port sets a previous run installed, by id, and the number of trie entries.
@@ -484,19 +546,23 @@ fn read_portsets(ports: &PortsTrie) -> Result<(BTreeMap<u32, PortSet>, usize), M
     Ok((sets, entries))
 }
 
-/// The classes a previous run installed, by id (isolation without rules comes from the
-/// endpoints, see `adopt`), and the number of trie entries.
+/// The classes a previous run installed, by id, with the port-set ids they point at
+/// (isolation without rules comes from the endpoints, see `adopt`), and the number of trie
+/// entries.
 fn read_classes(
     peers: &PeersTrie,
     portsets: &BTreeMap<u32, PortSet>,
-) -> Result<(BTreeMap<u32, PolicyClass>, usize), MapError> {
-    let mut classes: BTreeMap<u32, PolicyClass> = BTreeMap::new();
+) -> Result<(AdoptedClasses, usize), MapError> {
+    let mut classes = AdoptedClasses::new();
     let mut entries = 0;
     for item in peers {
         let (key, value) = item?;
         entries += 1;
         let data = key.data();
-        let class = classes.entry(data.class_id).or_default();
+        let (class, sets) = classes.entry(data.class_id).or_default();
+        if value.portset_id != 0 {
+            sets.insert(value.portset_id);
+        }
         let rules = if data.dir == POL_DIR_EGRESS {
             class.egress.get_or_insert_default()
         } else {

@@ -409,7 +409,11 @@ impl<'a> Index<'a> {
         let mut pods = Vec::new();
         let mut by_ip = HashMap::new();
         for (key, pod) in &state.pods {
-            if is_terminal(pod) {
+            // A host-network pod has its node's address, not one of its own: it is not a pod
+            // peer (upstream leaves host-network traffic to the node rules; ferrovia allows
+            // it in as the node's).
+            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+            if is_terminal(pod) || host_network {
                 continue;
             }
             let Some(IpAddr::V4(ip)) = pod_ip(pod, key, local, true) else {

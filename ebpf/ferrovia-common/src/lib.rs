@@ -91,7 +91,8 @@ pub struct CtKey {
 /// The client reached one of its own services' VIPs and landed on itself: its source is
 /// rewritten to the VIP and packets are sent straight back into the pod.
 pub const CT_FLAG_HAIRPIN: u16 = 1;
-/// A FIN or RST was seen: the entry lives for `CT_TIMEOUT_CLOSING_NS` only.
+/// A FIN or RST was seen: the entry lives for `CT_TIMEOUT_CLOSING_NS` idle only. (A new SYN
+/// on the tuple clears it.)
 pub const CT_FLAG_CLOSING: u16 = 2;
 
 /// Value of the `CONNTRACK` map.
@@ -114,7 +115,8 @@ pub struct CtValue {
 
 pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
-pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// Long enough for a half-closed connection's answer (Linux conntrack: 60 s `CLOSE_WAIT`).
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 60 * 1_000_000_000;
 
 /// Key of the `AFFINITY` map: which backend a client IP was last sent to, per frontend.
 #[repr(C)]
@@ -273,6 +275,18 @@ pub struct PolicyCtValue {
     pub last_seen_ns: u64,
 }
 
+/// Key of `POLICY_FRAGS`: the fragments of one IPv4 datagram at one point (`POL_CT_*`),
+/// whose first fragment (the one with ports) policy allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub ip_id: u16,
+    pub proto: u8,
+    pub point: u8,
+}
+
 /// Key of the per-CPU `POLICY_VERDICTS` map: a local pod, a direction, a verdict reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -388,6 +402,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyCtValue {}
     unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::VerdictValue {}
 }
 
@@ -418,5 +433,6 @@ mod tests {
         assert_eq!(size_of::<PolicyCtValue>(), 16);
         assert_eq!(size_of::<VerdictKey>(), 20);
         assert_eq!(size_of::<VerdictValue>(), 16);
+        assert_eq!(size_of::<FragKey>(), 12);
     }
 }

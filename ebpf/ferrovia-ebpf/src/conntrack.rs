@@ -85,6 +85,11 @@ pub fn still_alive(
     if now.wrapping_sub(*last_seen_ns) > timeout {
         return false;
     }
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection on the tuple of a closing one: it starts afresh.
+        *flags &= !CT_FLAG_CLOSING;
+        *last_seen_ns = now;
+    }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         *flags |= CT_FLAG_CLOSING;
     }
@@ -175,9 +180,17 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         }
     }
     if let Some(entry) = reply_entry(pkt) {
-        // The pod answers as a backend; its real peer is the original client.
-        let flow = Flow::to(pkt, entry.peer_addr[0], pkt.dport);
-        if !allowed(gate, &flow, entry.flags & CT_FLAG_HAIRPIN != 0) {
+        // The pod answers as a backend. Only a hairpin is translated back here (it goes
+        // straight back into the pod); any other reply goes on as it is, and the client's
+        // to_pod translates it after its ingress policy has seen it as it came.
+        if entry.flags & CT_FLAG_HAIRPIN == 0 {
+            return if gate.egress(&Flow::of(pkt)) {
+                Ok(TC_ACT_OK)
+            } else {
+                DENIED
+            };
+        }
+        if !gate.hairpin(&Flow::to(pkt, entry.peer_addr[0], pkt.dport)) {
             return DENIED;
         }
         count(counter::XLATE_CT);

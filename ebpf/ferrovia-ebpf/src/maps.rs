@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use ferrovia_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy, FragKey,
     PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey, PolicyState, ServiceKey,
     ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey, VerdictValue, counter,
 };
@@ -62,6 +62,11 @@ pub static POLICY_STATE: Array<PolicyState, 1> = Array::new();
 /// come back. Written by the tc programs; LRU.
 #[btf_map]
 pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue, 131_072> = LruHashMap::new();
+
+/// Datagrams whose first fragment policy allowed at a point, so their later fragments (which
+/// carry no ports) follow it. Written by the tc programs; LRU.
+#[btf_map]
+pub static POLICY_FRAGS: LruHashMap<FragKey, u8, 8_192> = LruHashMap::new();
 
 /// Per-CPU packets and bytes per (local pod, direction, verdict reason). Written by the tc
 /// programs; entries of pods that left are removed by the agent.

@@ -32,6 +32,10 @@ pub struct Ipv4Packet {
     /// A complete, unfragmented TCP or UDP packet: the services may translate it. Anything
     /// else (ICMP, SCTP, fragments) is only judged by policy, with ports 0 when it has none.
     pub translatable: bool,
+    /// `FRAG_NONE`, `FRAG_FIRST` (has the L4 header) or `FRAG_LATER` (no ports).
+    pub frag: u8,
+    /// The IP identification (network order): ties a datagram's fragments together.
+    pub ip_id: u16,
     pub proto: u8,
     pub saddr: u32,
     pub daddr: u32,
@@ -75,6 +79,10 @@ pub enum Skip {
 
 const PROTO_SCTP: u8 = 132;
 
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
+
 /// Parses Ethernet + IPv4 (+ TCP/UDP/SCTP ports). Non-IPv4 frames and truncated or
 /// inconsistent headers are reported as a reason to leave the packet untouched; fragments are
 /// counted and returned without ports.
@@ -102,6 +110,8 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
         l4_off: ETH_HLEN + ihl_len,
         tot_len: tot_len as u16,
         translatable: false,
+        frag: FRAG_NONE,
+        ip_id: ctx.load(ETH_HLEN + 4).map_err(|_| Skip::Malformed)?,
         proto,
         saddr: ctx.load(IP_SADDR_OFF).map_err(|_| Skip::Malformed)?,
         daddr: ctx.load(IP_DADDR_OFF).map_err(|_| Skip::Malformed)?,
@@ -109,10 +119,15 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
         dport: 0,
         tcp_flags: 0,
     };
-    // More-fragments flag or a fragment offset: no complete L4 header to translate.
+    // More-fragments flag or a fragment offset: no complete L4 packet to translate; only the
+    // first fragment has ports.
     if frag & 0x3fff != 0 {
         count(counter::FRAGMENT);
-        return Ok(pkt);
+        if frag & 0x1fff != 0 {
+            pkt.frag = FRAG_LATER;
+            return Ok(pkt);
+        }
+        pkt.frag = FRAG_FIRST;
     }
     let l4_len = match proto {
         PROTO_TCP => 20,
@@ -130,7 +145,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4Packet, Skip> {
             .load::<u8>(pkt.l4_off + 13)
             .map_err(|_| Skip::Malformed)?;
     }
-    pkt.translatable = proto != PROTO_SCTP;
+    pkt.translatable = proto != PROTO_SCTP && pkt.frag == FRAG_NONE;
     Ok(pkt)
 }
 

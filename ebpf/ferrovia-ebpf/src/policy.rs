@@ -8,19 +8,19 @@
 //! that stays allowed goes on and one that became denied is cut.
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use ferrovia_common::{
-    CT_FLAG_CLOSING, CtKey, EndpointKey, EndpointPolicy, PROTO_TCP, FAMILY_V4, PEER_KEY_FIXED_BITS, POL_CT_EGRESS,
-    POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS, POL_ISOLATED_EGRESS,
-    POL_ISOLATED_INGRESS, PORT_KEY_FIXED_BITS, PolicyCtValue, PolicyPeerKey, PolicyPortKey,
-    VerdictKey, VerdictValue, counter, verdict,
+    CT_FLAG_CLOSING, CtKey, EndpointKey, EndpointPolicy, FAMILY_V4, FragKey, PEER_KEY_FIXED_BITS,
+    POL_CT_EGRESS, POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS,
+    POL_ISOLATED_EGRESS, POL_ISOLATED_INGRESS, PORT_KEY_FIXED_BITS, PROTO_TCP, PolicyCtValue,
+    PolicyPeerKey, PolicyPortKey, VerdictKey, VerdictValue, counter, verdict,
 };
 
 use crate::{
     conntrack::still_alive,
     maps::{
-        POLICY_CT, POLICY_ENDPOINTS, POLICY_PEERS, POLICY_PORTS, POLICY_STATE, POLICY_VERDICTS,
-        count,
+        POLICY_CT, POLICY_ENDPOINTS, POLICY_FRAGS, POLICY_PEERS, POLICY_PORTS, POLICY_STATE,
+        POLICY_VERDICTS, count,
     },
-    packet::{Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{FRAG_FIRST, FRAG_LATER, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// A flow as policy sees it: the real client and the real (translated) server.
@@ -32,6 +32,9 @@ pub struct Flow {
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// `packet::FRAG_*`, and the IP identification that ties fragments together.
+    pub frag: u8,
+    pub ip_id: u16,
 }
 
 impl Flow {
@@ -45,6 +48,8 @@ impl Flow {
             dport: pkt.dport,
             proto: pkt.proto,
             tcp_flags: pkt.tcp_flags,
+            frag: pkt.frag,
+            ip_id: pkt.ip_id,
         }
     }
 
@@ -128,9 +133,9 @@ impl Gate {
 
     #[inline(always)]
     fn judge(&self, point: Point, flow: &Flow, from_host: bool) -> bool {
-        let (subject, dir, here, there) = match point {
-            Point::Egress => (flow.saddr, POL_DIR_EGRESS, POL_CT_EGRESS, POL_CT_INGRESS),
-            Point::Ingress => (flow.daddr, POL_DIR_INGRESS, POL_CT_INGRESS, POL_CT_EGRESS),
+        let (subject, dir) = match point {
+            Point::Egress => (flow.saddr, POL_DIR_EGRESS),
+            Point::Ingress => (flow.daddr, POL_DIR_INGRESS),
         };
         let endpoint = EndpointKey {
             addr: [subject, 0, 0, 0],
@@ -139,27 +144,50 @@ impl Gate {
         };
         // SAFETY: value copied out at once; the agent replaces entries whole.
         let policy = unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }.unwrap_or_default();
-        if !point.isolated(&policy) {
-            self.track(flow, here, there, from_host);
-            return self.record(subject, dir, verdict::ALLOW_NOT_ISOLATED, None);
-        }
+        let reason = if !point.isolated(&policy) {
+            if flow.frag != FRAG_LATER {
+                self.track(point, flow, from_host, point.other().isolated(&policy));
+            }
+            verdict::ALLOW_NOT_ISOLATED
+        } else if flow.frag == FRAG_LATER {
+            // No ports to judge: the fragment follows its first fragment's verdict.
+            if POLICY_FRAGS.get_ptr(&frag_key(point, flow)).is_some() {
+                verdict::ALLOW_ESTABLISHED
+            } else {
+                verdict::DENY_NO_RULE
+            }
+        } else {
+            let reason = self.decide(point, &policy, flow, from_host);
+            if flow.frag == FRAG_FIRST && verdict::allows(reason) {
+                let _ = POLICY_FRAGS.insert(&frag_key(point, flow), &0, 0);
+            }
+            reason
+        };
+        self.record(subject, dir, reason)
+    }
+
+    /// The verdict at an isolating point: a reply of a flow the pod's other point allowed,
+    /// an established flow judged under the current epoch, or the rules.
+    #[inline(always)]
+    fn decide(&self, point: Point, policy: &EndpointPolicy, flow: &Flow, from_host: bool) -> u8 {
+        let (here, there) = point.ct_dirs();
         let now = now_ns();
-        // A reply of a flow this pod's other hook let through?
         let back = flow.reversed();
-        if let Some(entry) = POLICY_CT.get_ptr_mut(&back.key(there)) {
+        let back_key = back.key(there);
+        if let Some(entry) = POLICY_CT.get_ptr_mut(&back_key) {
             // SAFETY: valid map value; racing writers only touch age, flags and epoch.
             let entry = unsafe { &mut *entry };
             if alive(entry, flow, now) {
-                let reason = if entry.epoch == self.epoch || entry.flags & POL_CT_FLAG_HOST != 0 {
-                    verdict::ALLOW_REPLY
-                } else {
-                    // Judged again where it was allowed: the other point, same pod.
-                    match rules(point.other(), &policy, &back) {
-                        r if verdict::allows(r) => verdict::ALLOW_REPLY,
-                        r => r,
-                    }
-                };
-                return self.record(subject, dir, reason, Some(entry));
+                if entry.epoch == self.epoch || entry.flags & POL_CT_FLAG_HOST != 0 {
+                    return verdict::ALLOW_REPLY;
+                }
+                // Judged again where it was allowed: the other point, same pod.
+                if verdict::allows(rules(point.other(), policy, &back)) {
+                    entry.epoch = self.epoch;
+                    return verdict::ALLOW_REPLY;
+                }
+                // Not a reply of an allowed flow now: judged as what it is below. The entry
+                // stays (it expires on its own), so replies resume if the flow is allowed again.
             }
         }
         let key = flow.key(here);
@@ -167,36 +195,43 @@ impl Gate {
             // SAFETY: as above.
             let entry = unsafe { &mut *entry };
             if alive(entry, flow, now) && entry.epoch == self.epoch {
-                return self.record(subject, dir, verdict::ALLOW_ESTABLISHED, None);
+                return verdict::ALLOW_ESTABLISHED;
             }
         }
         let reason = if from_host {
             verdict::ALLOW_HOST
         } else {
-            rules(point, &policy, flow)
+            rules(point, policy, flow)
         };
         if verdict::allows(reason) {
             self.remember(&key, flow, from_host, now);
         } else {
             let _ = POLICY_CT.remove(&key);
         }
-        self.record(subject, dir, reason, None)
+        reason
     }
 
     /// A pod that this point does not isolate: every flow passes, but is remembered so that
-    /// its replies still pass once the pod becomes isolated on the other side (a policy
-    /// change must not break an allowed established connection). Cheap on the hot path: a TCP
-    /// connection is remembered at its SYN, with no lookup on its later packets; other flows
-    /// are looked up and refreshed — first as a reply (a flow the other point remembered),
-    /// which must not be remembered as a flow of its own: it would later let the peer's
-    /// packets in as its "replies".
+    /// its replies still pass once the pod is isolated on the other side (a policy change must
+    /// not break an allowed established connection). A flow is first looked up as a reply (of
+    /// one the other point remembered): a reply must not be remembered as a flow of its own,
+    /// or the peer's later packets would pass as its "replies".
+    ///
+    /// Cheap where nothing needs it: while the pod is not isolated on the other side either,
+    /// a TCP connection is remembered at its SYN and its later packets cost no lookup. Once
+    /// the other side is isolated, every packet is looked up, so that a connection whose
+    /// entry is missing (evicted, or older than enforcement) is remembered again on its next
+    /// packet from this side.
     #[inline(always)]
-    fn track(&self, flow: &Flow, here: u8, there: u8, from_host: bool) {
+    fn track(&self, point: Point, flow: &Flow, from_host: bool, other_isolated: bool) {
+        let (here, there) = point.ct_dirs();
         let key = flow.key(here);
-        if flow.proto == PROTO_TCP {
-            if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                self.remember(&key, flow, from_host, now_ns());
-            }
+        let tcp = flow.proto == PROTO_TCP;
+        if tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            self.remember(&key, flow, from_host, now_ns());
+            return;
+        }
+        if tcp && !other_isolated {
             return;
         }
         let now = now_ns();
@@ -238,17 +273,10 @@ impl Gate {
         let _ = POLICY_CT.insert(key, &value, 0);
     }
 
-    /// Counts the verdict for the pod; a reply entry judged again is refreshed or forgotten.
+    /// Counts the verdict for the pod; whether it lets the packet through.
     #[inline(always)]
-    fn record(&self, subject: u32, dir: u8, reason: u8, entry: Option<&mut PolicyCtValue>) -> bool {
+    fn record(&self, subject: u32, dir: u8, reason: u8) -> bool {
         let allowed = verdict::allows(reason);
-        if let Some(entry) = entry {
-            if allowed {
-                entry.epoch = self.epoch;
-            } else {
-                entry.last_seen_ns = 0;
-            }
-        }
         let key = VerdictKey {
             addr: [subject, 0, 0, 0],
             family: FAMILY_V4,
@@ -283,6 +311,15 @@ enum Point {
 }
 
 impl Point {
+    /// `POLICY_CT` directions: (flows allowed here, flows allowed at the pod's other point).
+    #[inline(always)]
+    fn ct_dirs(self) -> (u8, u8) {
+        match self {
+            Self::Egress => (POL_CT_EGRESS, POL_CT_INGRESS),
+            Self::Ingress => (POL_CT_INGRESS, POL_CT_EGRESS),
+        }
+    }
+
     #[inline(always)]
     fn isolated(self, policy: &EndpointPolicy) -> bool {
         let bit = match self {
@@ -340,6 +377,18 @@ fn rules(point: Point, policy: &EndpointPolicy, flow: &Flow) -> u8 {
         verdict::ALLOW_RULE
     } else {
         verdict::DENY_PORT
+    }
+}
+
+/// The `POLICY_FRAGS` key of a flow's fragments at one point.
+#[inline(always)]
+fn frag_key(point: Point, flow: &Flow) -> FragKey {
+    FragKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        ip_id: flow.ip_id,
+        proto: flow.proto,
+        point: point.ct_dirs().0,
     }
 }
 

@@ -2,7 +2,7 @@
 //! `deploy/examples/`, two echo backends behind the `hostnames` `ClusterIP` Service and a client
 //! pod. Shows the spread of requests over the backends, the hairpin case, on the socket-level
 //! path and then on the per-packet path, and which source address each backend saw; then a
-//! NetworkPolicy (`deploy/policies/`) that admits only the client's TCP.
+//! `NetworkPolicy` (`deploy/policies/`) that admits only the client's TCP.
 //! Everything lives in network namespaces and is removed on exit.
 //!
 //! Needs root and the workspace binaries (`cargo xtask demo` builds them).
