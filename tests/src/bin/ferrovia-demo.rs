@@ -102,7 +102,9 @@ fn main() -> Result<()> {
     )?;
 
     let policy_file = "deploy/policies/hostnames-from-client.yaml";
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(policy_file);
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(policy_file);
     node.write_manifest("policy.yaml", &std::fs::read_to_string(&policy)?)?;
     let rejected = agent.sync()?;
     if !rejected.is_empty() {
