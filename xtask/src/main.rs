@@ -5,13 +5,17 @@
 //! - `test [-- ARGS]`: `setup`, a build of the binaries, then the workspace's tests.
 //! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
 //! - `bench [-- ARGS]`: `setup`, a release build, then `ferrovia-bench` (results in `target/bench/`).
+//! - `vm-test [--kernel L] [--suite S]`: `setup`, then the suites in VMs on pinned kernels
+//!   (`vm.rs`; what it keeps is under `target/vm-test/`).
 //!
 //! All of them need root: apt, bpffs, and the tests and demo load BPF programs and create
 //! network namespaces.
 mod setup;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
@@ -45,6 +49,19 @@ enum Task {
     Bench {
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run setup, then test suites inside VMs on a matrix of pinned kernels (virtme-ng under
+    /// emulation); prints a kernel × suite table, logs in `target/vm-test/<kernel>/<suite>/`.
+    VmTest {
+        /// A kernel label to test on (repeatable; default: every pinned kernel).
+        #[arg(long = "kernel", value_name = "LABEL")]
+        kernels: Vec<String>,
+        /// A suite to run (repeatable; default: every suite).
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
+        /// Seconds one VM may take, boot included, before its process group is killed.
+        #[arg(long, value_name = "N", default_value_t = 900)]
+        timeout_s: u64,
     },
 }
 
@@ -91,6 +108,18 @@ fn main() -> anyhow::Result<()> {
             .args(&args);
             exec(demo)
         }
+        Task::VmTest {
+            kernels,
+            suites,
+            timeout_s,
+        } => vm::run(
+            &root,
+            &vm::Options {
+                kernels,
+                suites,
+                timeout: Duration::from_secs(timeout_s),
+            },
+        ),
     }
 }
 
@@ -112,7 +141,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The cargo that runs us (`$CARGO`), so a rustup override or a pinned toolchain carries over.
-fn cargo(root: &Path) -> Command {
+pub(crate) fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
     cmd

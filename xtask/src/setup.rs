@@ -65,7 +65,7 @@ fn apt_packages() -> anyhow::Result<()> {
 
 /// `dpkg-query` says `install ok installed` for an installed package; anything else (not
 /// known, removed, config-files only) counts as missing.
-fn dpkg_installed(package: &str) -> bool {
+pub(crate) fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .stderr(Stdio::null())

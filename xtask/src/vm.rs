@@ -1,0 +1,690 @@
+//! `cargo xtask vm-test`: the test suites on a matrix of pinned kernels, each run in a
+//! virtme-ng VM under emulation (see `../shared/TOOLCHAIN.md`, "VMs for the kernel matrix").
+//!
+//! Everything it makes lives under `target/vm-test/`: `cache/` (the kernel .debs, kept
+//! because old versions leave the mirror), `kernels/<label>/` (their extracted trees),
+//! `venv/` (virtme-ng) and `<label>/<suite>/` (each run's writable directory and `vm.log`).
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::Pid;
+
+use crate::{cargo, run_checked, show, step};
+
+/// A kernel of the matrix: a Debian image package pinned to one exact version.
+struct Kernel {
+    /// What `--kernel` and the table call it.
+    label: &'static str,
+    package: &'static str,
+    version: &'static str,
+    /// Where apt finds it; the configured sources must carry this suite.
+    origin: &'static str,
+}
+
+impl Kernel {
+    /// The kernel release (`uname -r`), which names the image and the modules directory.
+    fn release(&self) -> &'static str {
+        self.package
+            .strip_prefix("linux-image-")
+            .expect("kernel packages are linux-image-*")
+    }
+}
+
+/// The pinned kernels; the default matrix is all of them.
+const KERNELS: &[Kernel] = &[
+    Kernel {
+        label: "6.1",
+        package: "linux-image-6.1.0-56-amd64",
+        version: "6.1.192-2",
+        origin: "bookworm-security",
+    },
+    Kernel {
+        label: "6.12",
+        package: "linux-image-6.12.117+deb12-amd64",
+        version: "6.12.117-1~deb12u1",
+        origin: "bookworm-security",
+    },
+];
+
+/// A named set of tests, built on the host and run inside each VM.
+struct Suite {
+    name: &'static str,
+    /// Builds what the suite needs and returns the shell command the guest runs.
+    prepare: fn(&Path) -> anyhow::Result<String>,
+}
+
+/// The suites `--suite` knows; the default is all of them.
+const SUITES: &[Suite] = &[Suite {
+    name: "programs",
+    prepare: programs_suite,
+}];
+
+/// QEMU from bookworm-backports: bookworm's own conflicts with the installed qemu-utils.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/ferrovia-backports.sources";
+const BACKPORTS: &str = "Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
+/// What virtme-ng needs on the host besides QEMU (the guest sees the host's root
+/// filesystem), and `python3-venv` for its venv.
+const HOST_PACKAGES: &[&str] = &["busybox-static", "kmod", "udev", "file", "python3-venv"];
+const VIRTME_NG: &str = "virtme-ng==1.42";
+
+/// Options of `cargo xtask vm-test`.
+pub struct Options {
+    /// Kernel labels; empty means every pinned kernel.
+    pub kernels: Vec<String>,
+    /// Suite names; empty means every suite.
+    pub suites: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// `setup`, then every selected suite on every selected kernel (names checked first).
+pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
+    let kernels = select(KERNELS, &opts.kernels, |k| k.label, "kernel")?;
+    let suites = select(SUITES, &opts.suites, |s| s.name, "suite")?;
+    let base = root.join("target/vm-test");
+
+    crate::setup::run()?;
+    host_packages()?;
+    let venv_bin = virtme_ng(&base.join("venv"))?;
+    let mut images = Vec::new();
+    for kernel in &kernels {
+        images.push(kernel_image(&base, kernel)?);
+    }
+    let mut commands = Vec::new();
+    for suite in &suites {
+        step(&format!("suite {}: building", suite.name));
+        commands.push((suite.prepare)(root)?);
+    }
+
+    on_interrupt_stop_vm()?;
+    let host = Host {
+        root,
+        base: &base,
+        venv_bin: &venv_bin,
+        timeout: opts.timeout,
+    };
+    let mut cells = Vec::new();
+    for (kernel, image) in kernels.iter().zip(&images) {
+        for (suite, command) in suites.iter().zip(&commands) {
+            let cell = run_cell(&host, kernel, image, suite, command)?;
+            println!(
+                "    {}/{}: {} ({} passed, {} failed, {} s)",
+                kernel.label,
+                suite.name,
+                cell.outcome.word(),
+                cell.passed,
+                cell.failed,
+                cell.elapsed.as_secs()
+            );
+            cells.push(cell);
+        }
+    }
+    print_table(&cells);
+    let failed = cells.iter().filter(|c| c.outcome != Outcome::Pass).count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} kernel × suite runs did not pass (logs: target/vm-test/<kernel>/<suite>/vm.log)",
+        cells.len()
+    );
+    Ok(())
+}
+
+/// The entries named in `wanted`, in table order, or all of them when none is named.
+fn select<'a, T>(
+    table: &'a [T],
+    wanted: &[String],
+    name: fn(&T) -> &'static str,
+    what: &str,
+) -> anyhow::Result<Vec<&'a T>> {
+    let known: Vec<&str> = table.iter().map(name).collect();
+    for w in wanted {
+        ensure!(
+            known.contains(&w.as_str()),
+            "unknown {what} {w:?} (known: {})",
+            known.join(", ")
+        );
+    }
+    Ok(table
+        .iter()
+        .filter(|t| wanted.is_empty() || wanted.iter().any(|w| w == name(t)))
+        .collect())
+}
+
+// ---- host setup -------------------------------------------------------------------------
+
+fn host_packages() -> anyhow::Result<()> {
+    let qemu_missing = !crate::setup::dpkg_installed(QEMU_PACKAGE);
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !crate::setup::dpkg_installed(p))
+        .collect();
+    if !qemu_missing && missing.is_empty() {
+        step("vm host packages: all installed");
+        return Ok(());
+    }
+    if qemu_missing && !Path::new(BACKPORTS_SOURCES).exists() {
+        step(&format!(
+            "apt: adding bookworm-backports ({BACKPORTS_SOURCES})"
+        ));
+        fs::write(BACKPORTS_SOURCES, BACKPORTS)
+            .with_context(|| format!("writing {BACKPORTS_SOURCES}"))?;
+    }
+    step("vm host packages: installing");
+    run_checked(apt_get().arg("update"))?;
+    if qemu_missing {
+        run_checked(apt_get().args(["install", "-y", "-t", "bookworm-backports", QEMU_PACKAGE]))?;
+    }
+    if !missing.is_empty() {
+        run_checked(apt_get().args(["install", "-y"]).args(&missing))?;
+    }
+    Ok(())
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// virtme-ng in its own venv (bookworm has no package of it); returns the venv's `bin/`,
+/// which must come first on PATH: vng calls `virtme-run` through `sh`.
+fn virtme_ng(venv: &Path) -> anyhow::Result<PathBuf> {
+    let bin = venv.join("bin");
+    let version = Command::new(bin.join("vng")).arg("--version").output();
+    let wanted = VIRTME_NG
+        .rsplit("==")
+        .next()
+        .expect("pinned as name==version");
+    if version.is_ok_and(|out| {
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(wanted)
+    }) {
+        step(&format!("{VIRTME_NG}: installed"));
+        return Ok(bin);
+    }
+    step(&format!("{VIRTME_NG}: installing in {}", venv.display()));
+    // The system python: a pyenv or other shim on PATH may come and go.
+    run_checked(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv),
+    )?;
+    run_checked(
+        Command::new(bin.join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(VIRTME_NG),
+    )?;
+    Ok(bin)
+}
+
+/// The kernel's image, downloading and extracting its package when not done before.
+fn kernel_image(base: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
+    let deb = kernel_deb(&base.join("cache"), kernel)?;
+    let tree = base.join("kernels").join(kernel.label);
+    let image = tree
+        .join("boot")
+        .join(format!("vmlinuz-{}", kernel.release()));
+    let stamp = tree.join(".package");
+    let want_stamp = format!("{} {}\n", kernel.package, kernel.version);
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == want_stamp) && image.is_file() {
+        step(&format!("kernel {}: {}", kernel.label, tree.display()));
+        return Ok(image);
+    }
+    step(&format!(
+        "kernel {}: extracting into {}",
+        kernel.label,
+        tree.display()
+    ));
+    // Extract beside it and rename, so an interrupted extraction is never taken as done.
+    let partial = base
+        .join("kernels")
+        .join(format!(".{}.partial", kernel.label));
+    for dir in [&partial, &tree] {
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    let modules = partial.join("lib/modules").join(kernel.release());
+    ensure!(
+        partial
+            .join("boot")
+            .join(format!("vmlinuz-{}", kernel.release()))
+            .is_file()
+            && modules.is_dir(),
+        "{} holds no boot/vmlinuz-{release} and lib/modules/{release}",
+        deb.display(),
+        release = kernel.release()
+    );
+    fs::write(partial.join(".package"), &want_stamp)?;
+    fs::rename(&partial, &tree).with_context(|| format!("renaming into {}", tree.display()))?;
+    Ok(image)
+}
+
+/// The kernel's .deb in `cache`, downloaded when missing, its version checked against the pin.
+fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
+    let deb = cache.join(format!("{}_{}_amd64.deb", kernel.package, kernel.version));
+    if !deb.is_file() {
+        step(&format!(
+            "kernel {}: downloading {}={} ({})",
+            kernel.label, kernel.package, kernel.version, kernel.origin
+        ));
+        let partial = cache.join(".partial");
+        if partial.exists() {
+            fs::remove_dir_all(&partial)?;
+        }
+        fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let download = || {
+            run_checked(
+                apt_get()
+                    .current_dir(&partial)
+                    // Root writes the file: `_apt` may not reach target/.
+                    .args(["-o", "APT::Sandbox::User=root", "download"])
+                    .arg(format!("{}={}", kernel.package, kernel.version)),
+            )
+        };
+        // Stale package lists are the usual reason; a version gone from the mirror is the other.
+        if download().is_err() {
+            run_checked(apt_get().arg("update"))?;
+            download().with_context(|| {
+                format!(
+                    "{}={} is not in the configured apt sources (needs {}); if it has left the \
+                     mirror, put its .deb at {} or pin a newer one in xtask/src/vm.rs",
+                    kernel.package,
+                    kernel.version,
+                    kernel.origin,
+                    deb.display()
+                )
+            })?;
+        }
+        let got = single_deb(&partial)?;
+        fs::rename(&got, &deb).with_context(|| format!("moving into {}", deb.display()))?;
+        fs::remove_dir(&partial)?;
+    }
+    let out = Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&deb)
+        .args(["Package", "Version"])
+        .output()
+        .context("cannot start dpkg-deb")?;
+    ensure!(out.status.success(), "dpkg-deb -f {} failed", deb.display());
+    let fields = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        fields
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    let (package, version) = (field("Package"), field("Version"));
+    ensure!(
+        package == kernel.package && version == kernel.version,
+        "{} is {package} {version}, but kernel {} is pinned to {} {}; delete the file to \
+         download it again",
+        deb.display(),
+        kernel.label,
+        kernel.package,
+        kernel.version
+    );
+    Ok(deb)
+}
+
+fn single_deb(dir: &Path) -> anyhow::Result<PathBuf> {
+    let debs: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    match debs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!(
+            "apt-get download left {} .deb files in {}",
+            debs.len(),
+            dir.display()
+        ),
+    }
+}
+
+// ---- suites -----------------------------------------------------------------------------
+
+/// The BPF program tests (`agent/tests/programs.rs`): one libtest binary, run serially since
+/// the programs share kernel state.
+fn programs_suite(root: &Path) -> anyhow::Result<String> {
+    let exe = test_executable(root, "ferrovia-agent", "programs")?;
+    Ok(format!("{} --test-threads=1", sh_quote(&exe)))
+}
+
+/// Builds one integration test of `package` and returns its executable, as cargo reports
+/// it in its JSON messages (the hash in the name changes with the build).
+fn test_executable(root: &Path, package: &str, test: &str) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "test",
+        "-p",
+        package,
+        "--test",
+        test,
+        "--no-run",
+        "--message-format=json",
+    ])
+    .stderr(Stdio::inherit());
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", show(&cmd)))?;
+    ensure!(
+        out.status.success(),
+        "{} failed ({})",
+        show(&cmd),
+        out.status
+    );
+    let mut found = Vec::new();
+    for line in out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let msg: serde_json::Value = serde_json::from_slice(line)
+            .with_context(|| format!("{} printed a line that is not JSON", show(&cmd)))?;
+        let is_test = msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == test
+            && msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
+            found.push(PathBuf::from(exe));
+        }
+    }
+    match found.as_slice() {
+        [exe] => Ok(exe.clone()),
+        _ => bail!(
+            "{} reported {} executables for test {test}, expected one",
+            show(&cmd),
+            found.len()
+        ),
+    }
+}
+
+/// `s` as one word for `sh`.
+fn sh_quote(s: &Path) -> String {
+    format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"))
+}
+
+// ---- one VM run -------------------------------------------------------------------------
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Outcome {
+    Pass,
+    Fail,
+    Timeout,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Outcome::Pass => "PASS",
+            Outcome::Fail => "FAIL",
+            Outcome::Timeout => "TIMEOUT",
+        }
+    }
+}
+
+/// One kernel × suite run.
+struct Cell {
+    kernel: &'static str,
+    suite: &'static str,
+    /// What `uname -r` said in the guest, when it got that far.
+    guest_release: Option<String>,
+    passed: u64,
+    failed: u64,
+    elapsed: Duration,
+    outcome: Outcome,
+}
+
+/// Written into the log by the guest, before the suite's command.
+const UNAME_MARK: &str = "# guest uname -r: ";
+
+/// What every VM run shares.
+struct Host<'a> {
+    root: &'a Path,
+    /// `target/vm-test`.
+    base: &'a Path,
+    /// virtme-ng's venv `bin/`.
+    venv_bin: &'a Path,
+    timeout: Duration,
+}
+
+fn run_cell(
+    host: &Host,
+    kernel: &Kernel,
+    image: &Path,
+    suite: &Suite,
+    command: &str,
+) -> anyhow::Result<Cell> {
+    let outdir = host.base.join(kernel.label).join(suite.name);
+    if outdir.exists() {
+        fs::remove_dir_all(&outdir).with_context(|| format!("removing {}", outdir.display()))?;
+    }
+    fs::create_dir_all(&outdir).with_context(|| format!("creating {}", outdir.display()))?;
+    let log_path = outdir.join("vm.log");
+
+    // bpffs is not mounted in a virtme-ng guest; the tests need it.
+    let guest =
+        format!("echo \"{UNAME_MARK}$(uname -r)\"; mount -t bpf bpf /sys/fs/bpf && exec {command}");
+    let path = std::env::join_paths(
+        std::iter::once(host.venv_bin.to_path_buf()).chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths),
+        ),
+    )?;
+    let mut vng = Command::new(host.venv_bin.join("vng"));
+    vng.current_dir(host.root)
+        .env("PATH", path)
+        // No KVM: this host is itself a VM and QEMU aborts under its /dev/kvm.
+        .args(["--disable-kvm", "--cpus", "2", "--memory", "1G"])
+        // Drivers the emulated guest has no use for, as in TOOLCHAIN.md's verified command.
+        .args(["--append", "modprobe.blacklist=kvm_amd,kvm,ccp,ahci,libata"])
+        .arg(format!("--rwdir={}", outdir.display()))
+        .arg("--run")
+        .arg(image)
+        .args(["--exec", &guest]);
+
+    let mut log =
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    writeln!(
+        log,
+        "# kernel {} ({} {}, {}), suite {}\n# {}",
+        kernel.label,
+        kernel.package,
+        kernel.version,
+        kernel.origin,
+        suite.name,
+        show(&vng)
+    )?;
+    // Through a pipe, not the file itself: QEMU reopens its stdout and stderr by path
+    // (`/proc/self/fd/N`) several times over, each truncating and writing from offset 0.
+    let (mut from_vm, to_log) = std::io::pipe().context("creating a pipe")?;
+    vng.stdin(Stdio::null())
+        .stdout(to_log.try_clone()?)
+        .stderr(to_log);
+    // A session of its own, so a timeout can kill vng, QEMU and all they started at once,
+    // and QEMU never touches our terminal.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        vng.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+
+    step(&format!(
+        "{}/{}: running in a VM (log: {})",
+        kernel.label,
+        suite.name,
+        log_path.display()
+    ));
+    let started = Instant::now();
+    let mut child = vng
+        .spawn()
+        .with_context(|| format!("cannot start {}", show(&vng)))?;
+    // Our copies of the pipe's write end go with the Command, so the copy sees EOF.
+    drop(vng);
+    let copier = std::thread::spawn(move || std::io::copy(&mut from_vm, &mut log));
+    let status = wait_or_kill(&mut child, started + host.timeout)?;
+    let elapsed = started.elapsed();
+    copier
+        .join()
+        .expect("the log copier does not panic")
+        .with_context(|| format!("writing {}", log_path.display()))?;
+
+    let text = fs::read_to_string(&log_path).unwrap_or_default();
+    let guest_release = text
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(UNAME_MARK))
+        .map(str::to_owned);
+    let summary = libtest_summary(&text);
+    let (passed, failed) = summary.unwrap_or((0, 0));
+    let outcome = match status {
+        None => Outcome::Timeout,
+        Some(s)
+            if s.success()
+                && summary.is_some()
+                && failed == 0
+                && guest_release.as_deref() == Some(kernel.release()) =>
+        {
+            Outcome::Pass
+        }
+        Some(_) => Outcome::Fail,
+    };
+    Ok(Cell {
+        kernel: kernel.label,
+        suite: suite.name,
+        guest_release,
+        passed,
+        failed,
+        elapsed,
+        outcome,
+    })
+}
+
+/// Set by SIGINT or SIGTERM, so the VM in its own session is killed before we leave.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted(_: std::ffi::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn on_interrupt_stop_vm() -> anyhow::Result<()> {
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { signal::signal(sig, SigHandler::Handler(interrupted)) }
+            .with_context(|| format!("installing a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+/// Waits for the VM until `deadline`; past it, or on an interrupt, kills its whole process
+/// group and returns `None` (or fails, when interrupted).
+fn wait_or_kill(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<ExitStatus>> {
+    let group = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+    loop {
+        if let Some(status) = child.try_wait()? {
+            // Anything vng left behind in its group would hold the log pipe open.
+            let _ = signal::killpg(group, Signal::SIGKILL);
+            return Ok(Some(status));
+        }
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if interrupted || Instant::now() >= deadline {
+            // TERM lets QEMU and vng clean up; KILL whatever is left after a grace period.
+            let _ = signal::killpg(group, Signal::SIGTERM);
+            let grace = Instant::now() + Duration::from_secs(5);
+            while child.try_wait()?.is_none() && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = signal::killpg(group, Signal::SIGKILL);
+            child.wait()?;
+            if interrupted {
+                bail!("interrupted; the VM was stopped");
+            }
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Passed and failed tests summed over libtest's `test result: ok. N passed; M failed; ...`
+/// lines, or `None` when there is none (the guest never got to the end).
+fn libtest_summary(log: &str) -> Option<(u64, u64)> {
+    let mut total: Option<(u64, u64)> = None;
+    for line in log.lines() {
+        let Some((_, rest)) = line.split_once("test result: ") else {
+            continue;
+        };
+        let count = |what: &str| {
+            rest.split(';').find_map(|part| {
+                part.trim()
+                    .strip_suffix(what)?
+                    .trim()
+                    .rsplit(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        let (Some(passed), Some(failed)) = (count("passed"), count("failed")) else {
+            continue;
+        };
+        let (p, f) = total.unwrap_or((0, 0));
+        total = Some((p + passed, f + failed));
+    }
+    total
+}
+
+fn print_table(cells: &[Cell]) {
+    println!();
+    println!(
+        "{:<8} {:<10} {:<26} {:>6} {:>6} {:>7}  result",
+        "kernel", "suite", "guest uname -r", "passed", "failed", "time"
+    );
+    for c in cells {
+        println!(
+            "{:<8} {:<10} {:<26} {:>6} {:>6} {:>6}s  {}",
+            c.kernel,
+            c.suite,
+            c.guest_release.as_deref().unwrap_or("-"),
+            c.passed,
+            c.failed,
+            c.elapsed.as_secs(),
+            c.outcome.word()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::libtest_summary;
+
+    #[test]
+    fn summary_lines_are_summed() {
+        let log = "running 2 tests\n\
+                   test result: ok. 34 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 134.02s\n\
+                   test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out\r\n";
+        assert_eq!(libtest_summary(log), Some((35, 2)));
+    }
+
+    #[test]
+    fn no_summary_is_none() {
+        assert_eq!(libtest_summary("Kernel panic - not syncing"), None);
+    }
+}
