@@ -288,6 +288,7 @@ impl PodRegistry for Node {
             frontends: inner.datapath.frontends(),
             socket_lb: inner.datapath.socket_lb(),
             programs,
+            degraded: inner.datapath.degraded().to_vec(),
         }
     }
 }

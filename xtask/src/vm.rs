@@ -24,8 +24,11 @@ struct Kernel {
     label: &'static str,
     package: &'static str,
     version: &'static str,
-    /// Where apt finds it; the configured sources must carry this suite.
+    /// Where apt finds it.
     origin: &'static str,
+    /// A `deb` line for a private sources list when the system's sources do not carry
+    /// `origin` (other Debian suites): used for this download only, never for installs.
+    source: Option<&'static str>,
 }
 
 impl Kernel {
@@ -40,16 +43,28 @@ impl Kernel {
 /// The pinned kernels; the default matrix is all of them.
 const KERNELS: &[Kernel] = &[
     Kernel {
+        label: "5.10",
+        package: "linux-image-5.10.0-46-amd64",
+        version: "5.10.262-1",
+        origin: "bullseye-security",
+        source: Some(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+             http://deb.debian.org/debian-security bullseye-security main",
+        ),
+    },
+    Kernel {
         label: "6.1",
         package: "linux-image-6.1.0-56-amd64",
         version: "6.1.192-2",
         origin: "bookworm-security",
+        source: None,
     },
     Kernel {
         label: "6.12",
         package: "linux-image-6.12.117+deb12-amd64",
         version: "6.12.117-1~deb12u1",
         origin: "bookworm-security",
+        source: None,
     },
 ];
 
@@ -287,10 +302,15 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
             fs::remove_dir_all(&partial)?;
         }
         fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let private = private_sources(cache, kernel)?;
+        if !private.is_empty() {
+            run_checked(apt_get().args(&private).arg("update"))?;
+        }
         let download = || {
             run_checked(
                 apt_get()
                     .current_dir(&partial)
+                    .args(&private)
                     // Root writes the file: `_apt` may not reach target/.
                     .args(["-o", "APT::Sandbox::User=root", "download"])
                     .arg(format!("{}={}", kernel.package, kernel.version)),
@@ -298,7 +318,7 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
         };
         // Stale package lists are the usual reason; a version gone from the mirror is the other.
         if download().is_err() {
-            run_checked(apt_get().arg("update"))?;
+            run_checked(apt_get().args(&private).arg("update"))?;
             download().with_context(|| {
                 format!(
                     "{}={} is not in the configured apt sources (needs {}); if it has left the \
@@ -341,6 +361,27 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
         kernel.version
     );
     Ok(deb)
+}
+
+/// apt options for a kernel from another Debian suite: its own sources list and package
+/// lists under `cache`, so the system's apt sees nothing of it. Empty for the system's sources.
+fn private_sources(cache: &Path, kernel: &Kernel) -> anyhow::Result<Vec<String>> {
+    let Some(line) = kernel.source else {
+        return Ok(Vec::new());
+    };
+    let dir = cache.join(format!("apt-{}", kernel.origin));
+    fs::create_dir_all(dir.join("lists/partial"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let list = dir.join("sources.list");
+    fs::write(&list, format!("{line}\n"))?;
+    Ok(vec![
+        "-o".into(),
+        format!("Dir::Etc::SourceList={}", list.display()),
+        "-o".into(),
+        "Dir::Etc::SourceParts=/dev/null".into(),
+        "-o".into(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+    ])
 }
 
 fn single_deb(dir: &Path) -> anyhow::Result<PathBuf> {

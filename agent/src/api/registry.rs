@@ -44,6 +44,8 @@ pub struct AgentStatus {
     /// Whether the socket-level load balancer is attached.
     pub socket_lb: bool,
     pub programs: Vec<ProgramState>,
+    /// What runs degraded on this kernel, one line each.
+    pub degraded: Vec<String>,
 }
 
 /// Why a request failed; each variant is one gRPC status code.
@@ -183,6 +185,7 @@ impl From<AgentStatus> for v1::StatusResponse {
                     attach_point: p.attach_point.unwrap_or_default(),
                 })
                 .collect(),
+            degraded: status.degraded,
         }
     }
 }
@@ -204,6 +207,7 @@ impl From<v1::StatusResponse> for AgentStatus {
                     attach_point: p.attached.then_some(p.attach_point),
                 })
                 .collect(),
+            degraded: resp.degraded,
         }
     }
 }

@@ -62,6 +62,7 @@ impl PodRegistry for TestRegistry {
                     attach_point: None,
                 },
             ],
+            degraded: vec!["sock4_connect: an example degradation".into()],
         }
     }
 }

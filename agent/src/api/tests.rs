@@ -84,6 +84,7 @@ async fn register_check_status_unregister_round_trip() {
                     attach_point: None
                 },
             ],
+            degraded: vec!["sock4_connect: an example degradation".into()],
         }
     );
 

@@ -60,6 +60,7 @@ async fn main() -> Result<()> {
                         "programs": status.programs.iter().map(|p| serde_json::json!({
                             "name": p.name, "attach_point": p.attach_point,
                         })).collect::<Vec<_>>(),
+                        "degraded": status.degraded,
                     })
                 ),
                 Output::Table => {
@@ -68,6 +69,9 @@ async fn main() -> Result<()> {
                     println!("pods:       {}", status.pods);
                     println!("frontends:  {}", status.frontends);
                     println!("socket LB:  {}", status.socket_lb);
+                    for d in &status.degraded {
+                        println!("degraded:   {d}");
+                    }
                     for p in &status.programs {
                         println!(
                             "program     {:<14} {}",

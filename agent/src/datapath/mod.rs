@@ -115,6 +115,8 @@ pub struct Datapath {
     pod_netns: HashMap<aya::maps::MapData, u64, ferrovia_common::EndpointKey>,
     policy_ct: HashMap<aya::maps::MapData, ferrovia_common::CtKey, ferrovia_common::PolicyCtValue>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
+    /// What this kernel cannot do as designed, found by loading (not by version strings).
+    degraded: Vec<String>,
 }
 
 /// Named totals of the per-CPU `COUNTERS` map.
@@ -176,13 +178,18 @@ impl Datapath {
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
         let links = attach::links_dir(&cfg.bpffs_root);
+        let mut degraded = Vec::new();
         for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
+            let variant = load_sock_program(&mut ebpf, name, &mut degraded)?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, variant)?.try_into()?;
+            // Pinned under the hook's name, whichever variant: a later run swaps it.
             match &cfg.socket_lb_cgroup {
                 Some(cgroup) => attach::attach_cgroup(prog, name, cgroup, &links)?,
                 None => attach::detach_cgroup(name, &links),
             }
+        }
+        for what in &degraded {
+            tracing::warn!("degraded on this kernel: {what}");
         }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
@@ -232,6 +239,7 @@ impl Datapath {
             pod_netns,
             policy_ct,
             counters,
+            degraded,
         })
     }
 
@@ -330,6 +338,12 @@ impl Datapath {
         Ok((result.return_value.cast_signed(), out))
     }
 
+    /// What runs degraded on this kernel (empty when nothing does).
+    #[must_use]
+    pub fn degraded(&self) -> &[String] {
+        &self.degraded
+    }
+
     /// Frontends installed.
     #[must_use]
     pub fn frontends(&self) -> usize {
@@ -404,6 +418,44 @@ impl Datapath {
 #[must_use]
 pub fn interface_exists(ifname: &str) -> bool {
     nix::net::if_::if_nametoindex(ifname).is_ok()
+}
+
+/// Loads socket hook `name`, or, when the verifier refuses it for a helper this kernel lacks,
+/// its variant without that helper (noting the degradation). Returns the loaded program's name.
+fn load_sock_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    degraded: &mut Vec<String>,
+) -> Result<&'static str> {
+    let fallback = match name {
+        "sock4_connect" => Some("sock4_conn_old"),
+        "sock4_sendmsg" => Some("sock4_send_old"),
+        _ => None,
+    };
+    let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
+    let err = match prog.load() {
+        Ok(()) => return Ok(name),
+        Err(e) => e,
+    };
+    let Some(fallback) = fallback else {
+        return Err(err).with_context(|| format!("verifying {name}"));
+    };
+    let prog: &mut CgroupSockAddr = program(ebpf, fallback)?.try_into()?;
+    prog.load()
+        .map_err(|e| anyhow::anyhow!("verifying {name}: {err:#}; and its variant {fallback}: {e:#}"))?;
+    degraded.push(format!(
+        "{name}: a call to a service without endpoints fails with EPERM, not ECONNREFUSED (no bpf_set_retval: Linux 5.18+); verifier said: {}",
+        verifier_reason(&format!("{err:#}"))
+    ));
+    Ok(fallback)
+}
+
+/// The line of a verifier log that says why it refused (an unknown helper), else its first.
+fn verifier_reason(log: &str) -> &str {
+    log.lines()
+        .map(str::trim)
+        .find(|l| l.contains("invalid func") || l.contains("unknown func"))
+        .unwrap_or_else(|| log.lines().next().unwrap_or(log))
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

@@ -100,12 +100,25 @@ fn verdict(result: Result<i32, i64>) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, sock::Hook::Connect)
+    sock::forward(&ctx, sock::Hook::Connect, sock::Refusal::Econnrefused)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx, sock::Hook::Sendmsg)
+    sock::forward(&ctx, sock::Hook::Sendmsg, sock::Refusal::Econnrefused)
+}
+
+/// `sock4_connect` for kernels without `bpf_set_retval` (before 5.18): the agent loads it when
+/// the verifier refuses the first; a refused connect then fails with EPERM.
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_conn_old(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, sock::Hook::Connect, sock::Refusal::Eperm)
+}
+
+/// `sock4_sendmsg` for kernels without `bpf_set_retval`, as `sock4_conn_old`.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_send_old(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, sock::Hook::Sendmsg, sock::Refusal::Eperm)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -29,6 +29,15 @@ pub enum Hook {
     Sendmsg,
 }
 
+/// How a call to a service without endpoints fails.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// ECONNREFUSED, as kube-proxy's REJECT (`bpf_set_retval`, Linux 5.18+).
+    Econnrefused,
+    /// The kernel's default for a denied call, EPERM, where `bpf_set_retval` is missing.
+    Eperm,
+}
+
 /// connect4 / sendmsg4: VIP → backend. Unconnected datagram sockets remember their backend
 /// per VIP in `SOCK_FWD` (while it lives), so a UDP "flow" does not hop between backends.
 ///
@@ -37,7 +46,7 @@ pub enum Hook {
 /// Its datagrams go to the VIP and the per-packet path balances them, per flow, moving the
 /// flow when its backend leaves.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
+pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
@@ -90,8 +99,10 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let Some((backend_id, backend)) = chosen else {
         count(counter::SOCK_REJECT);
         // As kube-proxy's REJECT would: the caller sees ECONNREFUSED, not a black hole.
-        // SAFETY: cgroup helper (5.18+), sets the errno of the denied call.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if refusal == Refusal::Econnrefused {
+            // SAFETY: cgroup helper (5.18+), sets the errno of the denied call.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return DENY;
     };
     if policed_hairpin(netns, backend.addr[0]) {
