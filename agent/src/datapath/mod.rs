@@ -441,8 +441,9 @@ fn load_sock_program(
         return Err(err).with_context(|| format!("verifying {name}"));
     };
     let prog: &mut CgroupSockAddr = program(ebpf, fallback)?.try_into()?;
-    prog.load()
-        .map_err(|e| anyhow::anyhow!("verifying {name}: {err:#}; and its variant {fallback}: {e:#}"))?;
+    prog.load().map_err(|e| {
+        anyhow::anyhow!("verifying {name}: {err:#}; and its variant {fallback}: {e:#}")
+    })?;
     degraded.push(format!(
         "{name}: a call to a service without endpoints fails with EPERM, not ECONNREFUSED (no bpf_set_retval: Linux 5.18+); verifier said: {}",
         verifier_reason(&format!("{err:#}"))
