@@ -26,6 +26,10 @@ pub use services::{FrontendSpec, SyncReport, WriteError};
 /// The BPF object, built by `build.rs` (aya-build). Empty when built with `AYA_BUILD_SKIP=1`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferrovia"));
 
+/// Starts an error that a kernel's missing feature causes, not ferrovia: the kernel matrix
+/// (`cargo xtask vm-test`) counts a test failing with it as an expected degradation.
+pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
+
 /// Map names, as pinned under the bpffs root.
 pub const MAP_NAMES: [&str; 15] = [
     "SERVICES",
@@ -328,12 +332,31 @@ impl Datapath {
             .try_into()?;
         // Room for programs that grow the packet (the ICMP reject adds 28 bytes).
         let mut out = vec![0u8; packet.len() + 128];
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| {
+                let einval = std::iter::successors(
+                    Some(&e as &(dyn std::error::Error + 'static)),
+                    |e| e.source(),
+                )
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|io| io.raw_os_error() == Some(libc::EINVAL));
+                if ingress_ifindex != 0 && einval {
+                    // Older kernels (5.10) accept only some `__sk_buff` fields in the context.
+                    // The marker lets the kernel matrix count this as the kernel's limit.
+                    anyhow::anyhow!(
+                        "{KERNEL_LACKS} BPF_PROG_TEST_RUN on this kernel refuses to set \
+                         ingress_ifindex in the skb context (EINVAL): {e}"
+                    )
+                } else {
+                    anyhow::Error::from(e)
+                }
+            })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value.cast_signed(), out))
     }
