@@ -606,9 +606,7 @@ fn run_cell(
     let right_kernel = guest_release.as_deref() == Some(kernel.release());
     let outcome = match status {
         None => Outcome::Timeout,
-        Some(s) if s.success() && summary.is_some() && failed == 0 && right_kernel => {
-            Outcome::Pass
-        }
+        Some(s) if s.success() && summary.is_some() && failed == 0 && right_kernel => Outcome::Pass,
         // Every failure is the kernel's missing feature: expected, recorded, not a failure.
         Some(_) if summary.is_some() && failed > 0 && failed == degraded && right_kernel => {
             Outcome::Degraded

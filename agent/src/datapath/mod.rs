@@ -340,12 +340,12 @@ impl Datapath {
                 ..TestRunOptions::default()
             })
             .map_err(|e| {
-                let einval = std::iter::successors(
-                    Some(&e as &(dyn std::error::Error + 'static)),
-                    |e| e.source(),
-                )
-                .filter_map(|e| e.downcast_ref::<std::io::Error>())
-                .any(|io| io.raw_os_error() == Some(libc::EINVAL));
+                let einval =
+                    std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                        e.source()
+                    })
+                    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                    .any(|io| io.raw_os_error() == Some(libc::EINVAL));
                 if ingress_ifindex != 0 && einval {
                     // Older kernels (5.10) accept only some `__sk_buff` fields in the context.
                     // The marker lets the kernel matrix count this as the kernel's limit.
