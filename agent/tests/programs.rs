@@ -1355,8 +1355,8 @@ fn a_sync_failing_after_switching_some_endpoints_still_rejudges_their_flows() {
         TC_ACT_OK,
         "allowed under the first policy"
     );
-    // Three foreign entries fill POLICY_ENDPOINTS (4) behind the writer's back.
-    let data = aya::maps::MapData::from_pin(t.root.join("POLICY_ENDPOINTS")).unwrap();
+    // Three foreign entries fill POLICY_PODS (4) behind the writer's back.
+    let data = aya::maps::MapData::from_pin(t.root.join("POLICY_PODS")).unwrap();
     let mut endpoints: aya::maps::HashMap<_, EndpointKey, EndpointPolicy> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
     for i in 1..=3u8 {
@@ -1812,7 +1812,7 @@ fn a_stale_reply_entry_does_not_override_the_pods_own_rules() {
 
 /// Adopt round trips. Three classes: BACKEND's and
 /// a third pod's share one port set; CLIENT's is "deny all ingress" with no entry at all (its
-/// id lives only in `POLICY_ENDPOINTS`). A restart rewrites nothing; removing one user of the
+/// id lives only in `POLICY_PODS`). A restart rewrites nothing; removing one user of the
 /// shared port set keeps it for the other; the entry-less class keeps denying; a new class
 /// after the restart gets an id that collides with nothing.
 #[test]

@@ -37,7 +37,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MORE: usize = 20;
 
 /// The maps the agent pins (agent/src/datapath/mod.rs `MAP_NAMES`).
-const MAP_NAMES: [&str; 7] = [
+const MAP_NAMES: [&str; 15] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -45,6 +45,14 @@ const MAP_NAMES: [&str; 7] = [
     "SOCK_FWD",
     "SOCK_REVNAT",
     "COUNTERS",
+    "POLICY_PODS",
+    "POLICY_PEERS",
+    "POLICY_PORTS",
+    "POLICY_STATE",
+    "POLICY_CT",
+    "POLICY_VERDICTS",
+    "POD_NETNS",
+    "POLICY_FRAGS",
 ];
 
 fn vip() -> SocketAddr {

@@ -39,7 +39,7 @@ pub const MAP_NAMES: [&str; 15] = [
     "SOCK_FWD",
     "SOCK_REVNAT",
     "COUNTERS",
-    "POLICY_ENDPOINTS",
+    "POLICY_PODS",
     "POLICY_PEERS",
     "POLICY_PORTS",
     "POLICY_STATE",
@@ -170,7 +170,7 @@ impl Datapath {
             .map_max_entries("AFFINITY", s.affinity)
             .map_max_entries("SOCK_FWD", s.sock_fwd)
             .map_max_entries("SOCK_REVNAT", s.sock_revnat)
-            .map_max_entries("POLICY_ENDPOINTS", s.policy_endpoints)
+            .map_max_entries("POLICY_PODS", s.policy_endpoints)
             .map_max_entries("POLICY_PEERS", s.policy_peers)
             .map_max_entries("POLICY_PORTS", s.policy_ports)
             .map_max_entries("POLICY_CT", s.policy_ct)
@@ -214,7 +214,7 @@ impl Datapath {
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
-                endpoints: HashMap::try_from(take(&mut ebpf, "POLICY_ENDPOINTS")?)?,
+                endpoints: HashMap::try_from(take(&mut ebpf, "POLICY_PODS")?)?,
                 peers: LpmTrie::try_from(take(&mut ebpf, "POLICY_PEERS")?)?,
                 ports: LpmTrie::try_from(take(&mut ebpf, "POLICY_PORTS")?)?,
                 state: Array::try_from(take(&mut ebpf, "POLICY_STATE")?)?,

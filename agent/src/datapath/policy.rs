@@ -273,7 +273,7 @@ impl PolicyWriter {
             self.capacity.ports,
         )?;
         check(
-            "POLICY_ENDPOINTS",
+            "POLICY_PODS",
             endpoints_needed,
             self.endpoints.len(),
             self.capacity.endpoints,
@@ -339,7 +339,7 @@ impl PolicyWriter {
             self.endpoints_map
                 .insert(endpoint_key(*ip), value, 0)
                 .map_err(|source| PolicyError::Map {
-                    map: "POLICY_ENDPOINTS",
+                    map: "POLICY_PODS",
                     source,
                 })?;
             self.endpoints.insert(*ip, value);

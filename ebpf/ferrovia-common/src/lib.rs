@@ -177,7 +177,7 @@ pub struct SockRevNatValue {
 // address to a *port set*, and a trie from (port set, protocol, port) to "allowed". A packet
 // costs one endpoint lookup and two trie lookups, whatever the number of policies or rules.
 
-/// Key of the `POLICY_ENDPOINTS` map: a local pod's address.
+/// Key of the `POLICY_PODS` map: a local pod's address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EndpointKey {
@@ -191,7 +191,7 @@ pub const POL_ISOLATED_INGRESS: u32 = 1;
 /// Some policy selects the pod for egress: only what a rule allows may leave.
 pub const POL_ISOLATED_EGRESS: u32 = 2;
 
-/// Value of `POLICY_ENDPOINTS`: the pod's policy class and isolation flags.
+/// Value of `POLICY_PODS`: the pod's policy class and isolation flags.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndpointPolicy {

@@ -44,7 +44,7 @@ pub static SOCK_REVNAT: LruHashMap<SockKey, SockRevNatValue, 131_072> = LruHashM
 /// Local pod address → its policy class and isolation flags. Written by the agent (a pod's
 /// class entries before its endpoint entry; the endpoint entry before the old class goes).
 #[btf_map]
-pub static POLICY_ENDPOINTS: HashMap<EndpointKey, EndpointPolicy, 16_384> = HashMap::new();
+pub static POLICY_PODS: HashMap<EndpointKey, EndpointPolicy, 16_384> = HashMap::new();
 
 /// (class, direction, peer address prefix) → the peer's port set. Written by the agent.
 #[btf_map]

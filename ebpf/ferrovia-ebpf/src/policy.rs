@@ -17,7 +17,7 @@ use ferrovia_common::{
 use crate::{
     conntrack::still_alive,
     maps::{
-        POLICY_CT, POLICY_ENDPOINTS, POLICY_FRAGS, POLICY_PEERS, POLICY_PORTS, POLICY_STATE,
+        POLICY_CT, POLICY_FRAGS, POLICY_PEERS, POLICY_PODS, POLICY_PORTS, POLICY_STATE,
         POLICY_VERDICTS, count,
     },
     packet::{FRAG_FIRST, FRAG_LATER, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -143,7 +143,7 @@ impl Gate {
             _pad: [0; 3],
         };
         // SAFETY: value copied out at once; the agent replaces entries whole.
-        let policy = unsafe { POLICY_ENDPOINTS.get(&endpoint).copied() }.unwrap_or_default();
+        let policy = unsafe { POLICY_PODS.get(&endpoint).copied() }.unwrap_or_default();
         let reason = if !point.isolated(&policy) {
             if flow.frag != FRAG_LATER {
                 self.track(point, flow, from_host, point.other().isolated(&policy));

@@ -13,7 +13,7 @@ use ferrovia_common::{
 
 use crate::{
     lb::{live_backend, lookup_service, select_backend},
-    maps::{POD_NETNS, POLICY_ENDPOINTS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
+    maps::{POD_NETNS, POLICY_PODS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
 };
 
 /// Verdicts of sock_addr programs: 1 lets the call proceed, 0 fails it (with the errno
@@ -154,7 +154,7 @@ fn policed_hairpin(netns: u64, backend: u32) -> bool {
     if pod.addr[0] != backend {
         return false;
     }
-    let policy = unsafe { POLICY_ENDPOINTS.get(&pod).copied() };
+    let policy = unsafe { POLICY_PODS.get(&pod).copied() };
     policy.is_some_and(|p| p.flags & (POL_ISOLATED_INGRESS | POL_ISOLATED_EGRESS) != 0)
 }
 
