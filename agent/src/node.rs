@@ -48,6 +48,9 @@ pub type Reload = Box<dyn Fn() -> (Arc<ClusterState>, Vec<String>) + Send + Sync
 
 pub struct Node {
     name: String,
+    /// What runs degraded on this kernel: found when the data path loaded, fixed after, so
+    /// status and metrics read it without the lock.
+    degraded: Vec<String>,
     reload: Reload,
     state_file: PathBuf,
     inner: Mutex<Inner>,
@@ -90,6 +93,7 @@ impl Node {
         }
         let node = Self {
             name,
+            degraded: datapath.degraded().to_vec(),
             reload,
             state_file,
             inner: Mutex::new(Inner {
@@ -288,7 +292,13 @@ impl PodRegistry for Node {
             frontends: inner.datapath.frontends(),
             socket_lb: inner.datapath.socket_lb(),
             programs,
-            degraded: inner.datapath.degraded().to_vec(),
+            degraded: self.degraded.clone(),
         }
+    }
+}
+
+impl crate::metrics::MetricsSource for Node {
+    fn degraded(&self) -> Vec<String> {
+        self.degraded.clone()
     }
 }

@@ -1915,3 +1915,57 @@ fn a_pods_flows_are_forgotten_when_it_leaves() {
         "the same packet from a new pod at that address is not a reply"
     );
 }
+
+/// Verifier complexity: every program of the object loads on this kernel, and none uses more
+/// than half the verifier's instruction budget. Prints one `VERIFIER-STATS` line per program
+/// (the kernel matrix collects them into its per-kernel table: `cargo xtask vm-test`).
+#[test]
+fn every_program_passes_the_verifier_within_half_its_budget() {
+    let stats =
+        ferrovia_agent::datapath::verifier::verify_all(&small_maps()).expect("every program loads");
+    let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "from_pod",
+        "to_pod",
+        "sock4_connect",
+        "sock4_sendmsg",
+        "sock4_recvmsg",
+        "sock4_getpeer",
+        "sock4_conn_old",
+        "sock4_send_old",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let show = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for s in &stats {
+        println!(
+            "VERIFIER-STATS\t{}\t{}\t{}\t{}",
+            s.name,
+            show(s.verified_insns),
+            show(s.xlated_insns),
+            s.refused.as_deref().unwrap_or("")
+        );
+    }
+    let budget = ferrovia_agent::datapath::verifier::COMPLEXITY_LIMIT / 2;
+    for s in &stats {
+        if let Some(n) = s.verified_insns {
+            assert!(
+                n <= budget,
+                "{} made the verifier process {n} instructions, over half its limit ({budget})",
+                s.name
+            );
+        }
+        // Only hooks with a fallback may be refused, and the fallback must have loaded.
+        if s.refused.is_some() {
+            assert!(
+                ["sock4_connect", "sock4_sendmsg"].contains(&s.name.as_str()),
+                "{} refused: {:?}",
+                s.name,
+                s.refused
+            );
+        }
+    }
+}

@@ -1,8 +1,11 @@
 //! Running `ferrovia-agent` for a node: in the node's network namespace, in a cgroup of its own
 //! (outside the hooked one, and swept if the test process dies), logging to the node's temp dir.
+//! Its gRPC API is reached through the `ferrovia` CLI, its HTTP endpoint (`--metrics-addr`)
+//! through `ferrovia-echo http-get` inside the node's network namespace.
 
 use std::ffi::{CString, OsString};
 use std::fs;
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -13,8 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde::Deserialize;
 
-use crate::cmd::{in_netns, tail};
+use crate::cmd::{in_netns, netns_path, run_ok, tail};
 use crate::node::NodeInner;
 use crate::paths::bin;
 
@@ -29,6 +33,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct AgentOpts {
     /// Socket-level load balancing (`--socket-lb`).
     pub socket_lb: bool,
+    /// `--metrics-addr`: where the agent serves HTTP, inside the node's network namespace
+    /// (e.g. `127.0.0.1:9963`; every node has its own loopback, so any port will do).
+    pub metrics_addr: Option<SocketAddr>,
     /// Further flags, appended.
     pub extra_args: Vec<String>,
     /// The binary; `None` is the workspace's `ferrovia-agent`.
@@ -39,10 +46,19 @@ impl Default for AgentOpts {
     fn default() -> Self {
         Self {
             socket_lb: true,
+            metrics_addr: None,
             extra_args: Vec::new(),
             binary: None,
         }
     }
+}
+
+/// A reply of the agent's HTTP endpoint, as `ferrovia-echo http-get` prints it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
 }
 
 /// A running agent. Dropping it kills the agent (and prints its log tail if the test panicked).
@@ -95,6 +111,10 @@ impl Agent {
         ];
         if !self.opts.socket_lb {
             args.push("--socket-lb=false".into());
+        }
+        if let Some(addr) = self.opts.metrics_addr {
+            args.push("--metrics-addr".into());
+            args.push(addr.to_string().into());
         }
         args.extend(self.opts.extra_args.iter().map(OsString::from));
         // Appended across restarts, so one file tells the whole story.
@@ -186,6 +206,38 @@ impl Agent {
             .flatten()
             .filter_map(|e| e.as_str().map(str::to_owned))
             .collect())
+    }
+
+    /// The agent's Status (`ferrovia -o json status`): node, pods, frontends, programs,
+    /// `degraded`, `agent_version`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run_ok(
+            std::process::Command::new(bin("ferrovia"))
+                .arg("--socket")
+                .arg(self.socket())
+                .args(["-o", "json", "status"]),
+        )
+        .context("ferrovia status")?;
+        serde_json::from_slice(&out.stdout).context("ferrovia status output")
+    }
+
+    /// `GET path` (e.g. `/metrics`) from the agent's HTTP endpoint, from inside the node's
+    /// network namespace where it listens. Fails when the agent has no `metrics_addr` or no
+    /// reply comes back; any HTTP status is a reply.
+    pub fn http_get(&self, path: &str) -> Result<HttpReply> {
+        let addr = self
+            .opts
+            .metrics_addr
+            .context("the agent was started without AgentOpts::metrics_addr")?;
+        let out = run_ok(
+            std::process::Command::new(bin("ferrovia-echo"))
+                .arg("--netns")
+                .arg(netns_path(&self.node.netns))
+                .arg("http-get")
+                .arg(format!("http://{addr}{path}")),
+        )?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("ferrovia-echo http-get output for {path}"))
     }
 
     /// Sends SIGTERM and waits for the exit (SIGKILL after a timeout, which is an error).

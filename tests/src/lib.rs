@@ -22,13 +22,14 @@ pub mod agent;
 pub mod cmd;
 pub mod cni;
 pub mod node;
+pub mod openmetrics;
 pub mod paths;
 pub mod pod;
 pub mod policy;
 pub mod sys;
 pub mod workload;
 
-pub use agent::{Agent, AgentOpts};
+pub use agent::{Agent, AgentOpts, HttpReply};
 pub use cni::Chain;
 pub use node::{CniMode, Node, NodeOptions};
 pub use pod::Pod;

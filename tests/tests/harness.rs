@@ -243,6 +243,7 @@ while :; do sleep 1 & wait $!; done
         binary: Some(script),
         socket_lb: false,
         extra_args: vec!["--log-level=debug".into()],
+        ..AgentOpts::default()
     }
 }
 

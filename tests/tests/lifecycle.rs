@@ -1,6 +1,7 @@
 //! Lifecycle, end to end: backends leaving and joining under traffic, UDP flows whose backend
 //! goes away, the agent restarting under established connections, bad manifests, the CNI
-//! plugin's ADD/CHECK/DEL, and the maps as bpftool shows them. Real namespaces, the real agent
+//! plugin's ADD/CHECK/DEL, the maps as bpftool shows them, and the agent's HTTP endpoint
+//! (`--metrics-addr`). Real namespaces, the real agent
 //! on a manifests directory, the real CNI chain (`ptp` + `ferrovia-cni`), real traffic.
 //!
 //! Needs root and the workspace binaries (`cargo build --bins`). Each test builds its own node
@@ -9,11 +10,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use ferrovia_tests::openmetrics;
 use ferrovia_tests::sendto::SendtoClient;
 use ferrovia_tests::sys::netns_with_prefix;
 use ferrovia_tests::{
@@ -1085,6 +1087,89 @@ fn cni_add_attaches_check_verifies_del_detaches_and_add_needs_the_agent() {
     );
 }
 
+/// On the classic path (`--no-tcx`, as on kernels before 6.6) CHECK looks at the filters
+/// themselves, not just at the interface: the clsact qdisc gone, or one direction's filter
+/// gone, fails CHECK naming the interface, and an untouched pod still passes.
+#[test]
+fn cni_check_notices_missing_classic_filters() {
+    let node = Node::new().expect("creating the node");
+    let mut agent = node
+        .start_agent(AgentOpts {
+            extra_args: vec!["--no-tcx".into()],
+            ..AgentOpts::default()
+        })
+        .expect("agent");
+    let chain = cni_check::chain(&node);
+    let check = |pod: &Pod| {
+        let inv = cni_check::invocation(&node, pod).expect("invocation");
+        cni_check::check(&chain, &inv, &pod.cni_result)
+    };
+    let expect_detached = |pod: &Pod, what: &str| {
+        let err = format!("{:#}", check(pod).expect_err(what));
+        assert!(
+            err.contains("plugin ferrovia-cni")
+                && err.contains(&format!("are not attached to {}", pod.host_ifname)),
+            "{what}: {err}"
+        );
+    };
+    let both: BTreeSet<String> = ["egress:to_pod", "ingress:from_pod"]
+        .map(String::from)
+        .into();
+
+    // Classic filters, no TCX pins; CHECK of a healthy pod passes.
+    let healthy = node.add_pod("default", "p").expect("CNI ADD");
+    assert_eq!(tc_programs(&node, &healthy.host_ifname), both);
+    assert!(
+        ["ingress", "egress"].iter().all(|hook| !links_dir(&node)
+            .join(format!("tc-{}-{hook}", healthy.host_ifname))
+            .exists()),
+        "TCX links pinned despite --no-tcx"
+    );
+    check(&healthy).expect("CHECK of a healthy pod");
+
+    // (a) The clsact qdisc, with both filters, removed.
+    let q = node.add_pod("default", "q").expect("CNI ADD of q");
+    detach_behind_the_agents_back(&node, &q.host_ifname);
+    assert_eq!(tc_programs(&node, &q.host_ifname), BTreeSet::new());
+    expect_detached(&q, "CHECK of a pod without clsact");
+
+    // (b) Only the egress filter removed; the qdisc and the ingress filter stay.
+    let r = node.add_pod("default", "r").expect("CNI ADD of r");
+    node.exec(&["tc", "filter", "del", "dev", &r.host_ifname, "egress"])
+        .expect("removing the egress filter");
+    assert_eq!(
+        tc_programs(&node, &r.host_ifname),
+        BTreeSet::from(["ingress:from_pod".to_owned()])
+    );
+    expect_detached(&r, "CHECK of a pod without its egress filter");
+
+    check(&healthy).expect("CHECK of the untouched pod");
+
+    // A restarted agent swaps its new programs into the same filters (CHECK compares program
+    // ids, so this is what keeps it passing), and attaches anew the filter that went missing.
+    let prog_ids = || -> BTreeSet<u64> {
+        let net = node
+            .bpftool(&["net", "show", "dev", &healthy.host_ifname])
+            .expect("bpftool net show");
+        net[0]["tc"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|tc| tc["id"].as_u64())
+            .collect()
+    };
+    let before = prog_ids();
+    agent.restart().expect("restarting the agent");
+    let after = prog_ids();
+    assert!(
+        after.len() == 2 && after.is_disjoint(&before),
+        "{before:?} -> {after:?}"
+    );
+    check(&healthy).expect("CHECK of the untouched pod after a restart");
+    assert_eq!(tc_programs(&node, &r.host_ifname), both);
+    check(&r).expect("CHECK after a restart re-attached the egress filter");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. bpftool readability
 // ---------------------------------------------------------------------------------------------
@@ -1226,4 +1311,134 @@ fn assert_conntrack_readable(
         vip()
     );
     assert_eq!(ipv4(&v["peer_addr"]), client);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. The HTTP endpoint: health, readiness, metrics
+// ---------------------------------------------------------------------------------------------
+
+/// `--metrics-addr` of the agents under test: loopback of the node's own network namespace.
+const METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9963));
+
+fn metrics_agent(node: &Node) -> anyhow::Result<Agent> {
+    node.start_agent(AgentOpts {
+        metrics_addr: Some(METRICS_ADDR),
+        ..AgentOpts::default()
+    })
+}
+
+/// The hook a degradation line of Status is about: the text before its first `:`.
+fn hook_of(line: &str) -> String {
+    line.split_once(':')
+        .map_or(line, |(hook, _)| hook)
+        .trim()
+        .to_owned()
+}
+
+#[test]
+#[allow(clippy::float_cmp)] // the values are small integers, exact in f64
+fn metrics_endpoint_serves_health_readiness_and_the_kernels_degradations() {
+    let node = Node::new().expect("creating the node");
+    let agent = metrics_agent(&node).expect("starting ferrovia-agent with --metrics-addr");
+    let get = |path: &str| {
+        agent
+            .http_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+
+    let health = get("/healthz");
+    assert_eq!(
+        (health.status, health.body.trim()),
+        (200, "ok"),
+        "{health:?}"
+    );
+    // The harness saw the API socket, made after the first sync: the agent is ready already.
+    let ready = get("/readyz");
+    assert_eq!(ready.status, 200, "{ready:?}");
+
+    let metrics = get("/metrics");
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert_eq!(
+        metrics.content_type.as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let exposition = openmetrics::parse(&metrics.body)
+        .unwrap_or_else(|e| panic!("/metrics is not OpenMetrics text: {e:#}\n{}", metrics.body));
+
+    let status = agent.status().expect("ferrovia status");
+    let build: Vec<_> = exposition.samples_named("ferrovia_build_info").collect();
+    assert_eq!(build.len(), 1, "{}", metrics.body);
+    assert_eq!(build[0].value, 1.0);
+    assert_eq!(
+        Some(build[0].labels["version"].as_str()),
+        status["agent_version"].as_str()
+    );
+
+    // The family is there on every kernel; its series are Status's degradations, one per hook,
+    // and they sum to the number of degradations (empty on a new kernel, not on 5.10).
+    assert_eq!(
+        exposition
+            .families
+            .get("ferrovia_datapath_degraded")
+            .map(String::as_str),
+        Some("gauge"),
+        "{}",
+        metrics.body
+    );
+    let degraded: Vec<&str> = status["degraded"]
+        .as_array()
+        .expect("Status has degraded")
+        .iter()
+        .map(|d| d.as_str().expect("a degradation is a line"))
+        .collect();
+    let hooks: BTreeSet<String> = degraded.iter().map(|d| hook_of(d)).collect();
+    assert_eq!(
+        exposition.label_values("ferrovia_datapath_degraded", "feature"),
+        hooks,
+        "Status says {degraded:#?}; /metrics says\n{}",
+        metrics.body
+    );
+    let sum: f64 = exposition
+        .samples_named("ferrovia_datapath_degraded")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(sum, degraded.len() as f64, "{}", metrics.body);
+
+    // No label carries an address.
+    for sample in &exposition.samples {
+        for value in sample.labels.values() {
+            assert!(
+                value.parse::<IpAddr>().is_err() && value.parse::<SocketAddr>().is_err(),
+                "{sample:?} carries an address"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_agent_whose_metrics_address_is_taken_fails_naming_the_flag() {
+    let node = Node::new().expect("creating the node");
+    // Something else listens on the port (on all addresses, so on 127.0.0.1 too).
+    let _squatter = node
+        .serve(&[&format!("tcp:{}", METRICS_ADDR.port())])
+        .expect("serving on the metrics port");
+    let Err(e) = metrics_agent(&node) else {
+        panic!("the agent started although {METRICS_ADDR} is taken");
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("exited (exit status: 1)"), "{e}");
+    // The whole log: the error's tail may be all backtrace (the harness sets RUST_BACKTRACE).
+    let log = std::fs::read_to_string(node.dir().join("agent.log")).expect("the agent's log");
+    assert!(
+        log.contains(&format!(
+            "Error: --metrics-addr {METRICS_ADDR}: cannot listen"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Address already in use"), "{log}");
+    // It stopped before touching the kernel: nothing pinned.
+    let pinned: Vec<_> = std::fs::read_dir(node.bpffs_root())
+        .expect("reading the bpffs root")
+        .collect();
+    assert!(pinned.is_empty(), "pinned although it failed: {pinned:?}");
 }

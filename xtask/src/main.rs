@@ -2,7 +2,8 @@
 //!
 //! - `setup`: installs what a fresh Debian 12 machine lacks for building and testing
 //!   (see `../shared/TOOLCHAIN.md`), idempotently.
-//! - `test [-- ARGS]`: `setup`, a build of the binaries, then the workspace's tests.
+//! - `test [--host-only] [-- ARGS]`: `setup`, a build of the binaries, the workspace's tests,
+//!   then every suite in VMs on kernels 6.1 and the newest pinned (`vm.rs`).
 //! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
 //! - `bench [-- ARGS]`: `setup`, a release build, then `ferrovia-bench` (results in `target/bench/`).
 //! - `vm-test [--kernel L] [--suite S]`: `setup`, then the suites in VMs on pinned kernels
@@ -34,8 +35,17 @@ struct Cli {
 enum Task {
     /// Install the toolchain and system packages, mount bpffs (idempotent).
     Setup,
-    /// Run setup, then `cargo test`; arguments after `--` are passed on to it.
+    /// Run setup, then `cargo test`, then the kernel-matrix lane: every suite in VMs on
+    /// kernels 6.1 and the newest pinned (`vm-test`); arguments after `--` are passed on to
+    /// `cargo test`.
     Test {
+        /// Only the host's `cargo test`, no VMs.
+        #[arg(long)]
+        host_only: bool,
+        /// Minutes from the start by which the VM lane must be done: a VM that might not end
+        /// in time is skipped, and the table says so (CI allows 90 minutes in all).
+        #[arg(long, value_name = "MIN", default_value_t = 80)]
+        budget_min: u64,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -60,10 +70,13 @@ enum Task {
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
         /// Seconds one VM may take, boot included, before its process group is killed.
-        #[arg(long, value_name = "N", default_value_t = 900)]
+        #[arg(long, value_name = "N", default_value_t = VM_TIMEOUT_S)]
         timeout_s: u64,
     },
 }
+
+/// Seconds one VM may take, boot included, before its process group is killed.
+const VM_TIMEOUT_S: u64 = 900;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -71,7 +84,12 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup::run(),
-        Task::Test { args } => {
+        Task::Test {
+            host_only,
+            budget_min,
+            args,
+        } => {
+            let started = std::time::Instant::now();
             setup::run()?;
             // The end-to-end suites run the agent's binaries (ferrovia-agent, ferrovia-cni),
             // which cargo does not build for another package's tests.
@@ -80,7 +98,20 @@ fn main() -> anyhow::Result<()> {
             step("cargo test");
             // Plain `cargo test` at the root covers the workspace's default members, which
             // leave out the no_std BPF crate (`--workspace` would build it for the host).
-            run_checked(cargo(&root).arg("test").args(&args))
+            run_checked(cargo(&root).arg("test").args(&args))?;
+            if host_only {
+                return Ok(());
+            }
+            step("kernel matrix lane (vm-test on the CI kernels)");
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels: vm::CI_KERNELS.map(String::from).to_vec(),
+                    suites: Vec::new(),
+                    timeout: Duration::from_secs(VM_TIMEOUT_S),
+                    deadline: Some(started + Duration::from_secs(budget_min * 60)),
+                },
+            )
         }
         Task::Bench { args } => {
             setup::run()?;
@@ -118,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                 kernels,
                 suites,
                 timeout: Duration::from_secs(timeout_s),
+                deadline: None,
             },
         ),
     }

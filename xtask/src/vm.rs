@@ -4,6 +4,7 @@
 //! Everything it makes lives under `target/vm-test/`: `cache/` (the kernel .debs, kept
 //! because old versions leave the mirror), `kernels/<label>/` (their extracted trees),
 //! `venv/` (virtme-ng) and `<label>/<suite>/` (each run's writable directory and `vm.log`).
+use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
@@ -18,11 +19,18 @@ use nix::unistd::Pid;
 
 use crate::{cargo, run_checked, show, step};
 
-/// A kernel of the matrix: a Debian image package pinned to one exact version.
+/// A kernel of the matrix: Debian packages pinned to one exact version.
 struct Kernel {
     /// What `--kernel` and the table call it.
     label: &'static str,
-    package: &'static str,
+    /// The kernel release (`uname -r`), which names the image and the modules directory.
+    release: &'static str,
+    /// The packages that together hold the image and the modules: one `linux-image-*` up to
+    /// Debian's 6.18; from 7.0 that is an empty metapackage, and the image (`linux-binary-*`),
+    /// the modules (`linux-modules-*`) and `modules.order`/`modules.builtin` (`linux-base-*`)
+    /// come apart.
+    packages: &'static [&'static str],
+    /// The version every package in `packages` is pinned to.
     version: &'static str,
     /// Where apt finds it.
     origin: &'static str,
@@ -31,20 +39,16 @@ struct Kernel {
     source: Option<&'static str>,
 }
 
-impl Kernel {
-    /// The kernel release (`uname -r`), which names the image and the modules directory.
-    fn release(&self) -> &'static str {
-        self.package
-            .strip_prefix("linux-image-")
-            .expect("kernel packages are linux-image-*")
-    }
-}
+const TRIXIE_BACKPORTS: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+                                http://deb.debian.org/debian trixie-backports main";
 
-/// The pinned kernels; the default matrix is all of them.
+/// The pinned kernels; the default matrix is all of them. The newest 7.x that Debian
+/// offered (trixie-backports) when this was written is 7.3.
 const KERNELS: &[Kernel] = &[
     Kernel {
         label: "5.10",
-        package: "linux-image-5.10.0-46-amd64",
+        release: "5.10.0-46-amd64",
+        packages: &["linux-image-5.10.0-46-amd64"],
         version: "5.10.262-1",
         origin: "bullseye-security",
         source: Some(
@@ -54,17 +58,39 @@ const KERNELS: &[Kernel] = &[
     },
     Kernel {
         label: "6.1",
-        package: "linux-image-6.1.0-56-amd64",
+        release: "6.1.0-56-amd64",
+        packages: &["linux-image-6.1.0-56-amd64"],
         version: "6.1.192-2",
         origin: "bookworm-security",
         source: None,
     },
     Kernel {
         label: "6.12",
-        package: "linux-image-6.12.117+deb12-amd64",
+        release: "6.12.117+deb12-amd64",
+        packages: &["linux-image-6.12.117+deb12-amd64"],
         version: "6.12.117-1~deb12u1",
         origin: "bookworm-security",
         source: None,
+    },
+    Kernel {
+        label: "6.18",
+        release: "6.18.15+deb13-amd64",
+        packages: &["linux-image-6.18.15+deb13-amd64"],
+        version: "6.18.15-1~bpo13+1",
+        origin: "trixie-backports",
+        source: Some(TRIXIE_BACKPORTS),
+    },
+    Kernel {
+        label: "7.3",
+        release: "7.3.4+deb13-amd64",
+        packages: &[
+            "linux-binary-7.3.4+deb13-amd64",
+            "linux-modules-7.3.4+deb13-amd64",
+            "linux-base-7.3.4+deb13-amd64",
+        ],
+        version: "7.3.4-1~bpo13+1",
+        origin: "trixie-backports",
+        source: Some(TRIXIE_BACKPORTS),
     },
 ];
 
@@ -76,10 +102,28 @@ struct Suite {
 }
 
 /// The suites `--suite` knows; the default is all of them.
-const SUITES: &[Suite] = &[Suite {
-    name: "programs",
-    prepare: programs_suite,
-}];
+const SUITES: &[Suite] = &[
+    Suite {
+        name: "verifier",
+        prepare: verifier_suite,
+    },
+    Suite {
+        name: "programs",
+        prepare: programs_suite,
+    },
+    Suite {
+        name: "services",
+        prepare: |root| e2e_suite(root, "clusterip"),
+    },
+    Suite {
+        name: "policy",
+        prepare: |root| e2e_suite(root, "policy"),
+    },
+    Suite {
+        name: "lifecycle",
+        prepare: |root| e2e_suite(root, "lifecycle"),
+    },
+];
 
 /// QEMU from bookworm-backports: bookworm's own conflicts with the installed qemu-utils.
 const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -102,7 +146,14 @@ pub struct Options {
     /// Suite names; empty means every suite.
     pub suites: Vec<String>,
     pub timeout: Duration,
+    /// Runs that could not end before this (started now, allowed `timeout`) are skipped and
+    /// shown as such: CI's lane has a fixed time.
+    pub deadline: Option<Instant>,
 }
+
+/// The CI lane's kernels (in `cargo xtask test`): the oldest LTS most clusters still run,
+/// and the newest.
+pub const CI_KERNELS: [&str; 2] = ["6.1", "7.3"];
 
 /// `setup`, then every selected suite on every selected kernel (names checked first).
 pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
@@ -133,6 +184,17 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
     let mut cells = Vec::new();
     for (kernel, image) in kernels.iter().zip(&images) {
         for (suite, command) in suites.iter().zip(&commands) {
+            if opts
+                .deadline
+                .is_some_and(|d| Instant::now() + opts.timeout > d)
+            {
+                println!(
+                    "    {}/{}: SKIPPED (it might not end before the lane's deadline)",
+                    kernel.label, suite.name
+                );
+                cells.push(Cell::skipped(kernel, suite));
+                continue;
+            }
             let cell = run_cell(&host, kernel, image, suite, command)?;
             println!(
                 "    {}/{}: {} ({} passed, {} failed, {} s)",
@@ -146,10 +208,15 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
             cells.push(cell);
         }
     }
-    print_table(&cells);
+    report(&base, &cells)?;
     let failed = cells
         .iter()
-        .filter(|c| !matches!(c.outcome, Outcome::Pass | Outcome::Degraded))
+        .filter(|c| {
+            !matches!(
+                c.outcome,
+                Outcome::Pass | Outcome::Degraded | Outcome::Skipped
+            )
+        })
         .count();
     ensure!(
         failed == 0,
@@ -247,16 +314,15 @@ fn virtme_ng(venv: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// The kernel's image, downloading and extracting its package when not done before.
+/// The kernel's image, downloading and extracting its packages when not done before.
 fn kernel_image(base: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
-    let deb = kernel_deb(&base.join("cache"), kernel)?;
+    let debs = kernel_debs(&base.join("cache"), kernel)?;
     let tree = base.join("kernels").join(kernel.label);
-    let image = tree
-        .join("boot")
-        .join(format!("vmlinuz-{}", kernel.release()));
     let stamp = tree.join(".package");
-    let want_stamp = format!("{} {}\n", kernel.package, kernel.version);
-    if fs::read_to_string(&stamp).is_ok_and(|s| s == want_stamp) && image.is_file() {
+    let want_stamp = format!("{} {}\n", kernel.packages.join(" "), kernel.version);
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == want_stamp)
+        && let Some(image) = image_in(&tree, kernel.release)
+    {
         step(&format!("kernel {}: {}", kernel.label, tree.display()));
         return Ok(image);
     }
@@ -275,30 +341,71 @@ fn kernel_image(base: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
         }
     }
     fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
-    let modules = partial.join("lib/modules").join(kernel.release());
+    for deb in &debs {
+        run_checked(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&partial))?;
+    }
+    modules_in_place(&partial, kernel.release)?;
     ensure!(
-        partial
-            .join("boot")
-            .join(format!("vmlinuz-{}", kernel.release()))
-            .is_file()
-            && modules.is_dir(),
-        "{} holds no boot/vmlinuz-{release} and lib/modules/{release}",
-        deb.display(),
-        release = kernel.release()
+        image_in(&partial, kernel.release).is_some(),
+        "{} hold no boot/vmlinuz-{release} or usr/lib/modules/{release}/vmlinuz",
+        kernel.packages.join(", "),
+        release = kernel.release
     );
     fs::write(partial.join(".package"), &want_stamp)?;
     fs::rename(&partial, &tree).with_context(|| format!("renaming into {}", tree.display()))?;
-    Ok(image)
+    image_in(&tree, kernel.release).context("the image went missing in the rename")
 }
 
-/// The kernel's .deb in `cache`, downloaded when missing, its version checked against the pin.
-fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
-    let deb = cache.join(format!("{}_{}_amd64.deb", kernel.package, kernel.version));
-    if !deb.is_file() {
+/// Where a Debian kernel tree keeps its image: `boot/vmlinuz-R` up to 6.x, the modules
+/// directory from 7.0 (`linux-binary-*`).
+fn image_in(tree: &Path, release: &str) -> Option<PathBuf> {
+    [
+        tree.join("boot").join(format!("vmlinuz-{release}")),
+        tree.join("usr/lib/modules").join(release).join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+/// Makes `tree/lib/modules/R` hold the modules with their index, as the guest's `modprobe`
+/// and virtme-ng expect: packages of merged-/usr Debian (trixie) ship `usr/lib/modules` and
+/// no `modules.dep` (their postinst runs depmod), so link `lib` to `usr/lib` and run depmod
+/// on the tree (bookworm's depmod reads `BASE/lib/modules`).
+fn modules_in_place(tree: &Path, release: &str) -> anyhow::Result<()> {
+    let lib = tree.join("lib");
+    if !lib.exists() && tree.join("usr/lib/modules").join(release).is_dir() {
+        std::os::unix::fs::symlink("usr/lib", &lib)
+            .with_context(|| format!("linking {} to usr/lib", lib.display()))?;
+    }
+    let modules = lib.join("modules").join(release);
+    ensure!(
+        modules.join("kernel").is_dir(),
+        "no modules at {} (nor under usr/)",
+        modules.display()
+    );
+    if !modules.join("modules.dep").is_file() {
+        run_checked(Command::new("depmod").arg("-b").arg(tree).arg(release))?;
+    }
+    Ok(())
+}
+
+/// The kernel's .debs in `cache`, the missing ones downloaded, each version checked against
+/// the pin.
+fn kernel_debs(cache: &Path, kernel: &Kernel) -> anyhow::Result<Vec<PathBuf>> {
+    let cached = |package: &str| cache.join(format!("{package}_{}_amd64.deb", kernel.version));
+    let missing: Vec<&str> = kernel
+        .packages
+        .iter()
+        .copied()
+        .filter(|p| !cached(p).is_file())
+        .collect();
+    if !missing.is_empty() {
         step(&format!(
-            "kernel {}: downloading {}={} ({})",
-            kernel.label, kernel.package, kernel.version, kernel.origin
+            "kernel {}: downloading {} {} ({})",
+            kernel.label,
+            missing.join(" "),
+            kernel.version,
+            kernel.origin
         ));
         let partial = cache.join(".partial");
         if partial.exists() {
@@ -316,7 +423,7 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
                     .args(&private)
                     // Root writes the file: `_apt` may not reach target/.
                     .args(["-o", "APT::Sandbox::User=root", "download"])
-                    .arg(format!("{}={}", kernel.package, kernel.version)),
+                    .args(missing.iter().map(|p| format!("{p}={}", kernel.version))),
             )
         };
         // Stale package lists are the usual reason; a version gone from the mirror is the other.
@@ -324,22 +431,49 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
             run_checked(apt_get().args(&private).arg("update"))?;
             download().with_context(|| {
                 format!(
-                    "{}={} is not in the configured apt sources (needs {}); if it has left the \
-                     mirror, put its .deb at {} or pin a newer one in xtask/src/vm.rs",
-                    kernel.package,
+                    "{} {} is not in the configured apt sources (needs {}); if it has left the \
+                     mirror, put the .debs in {} or pin a newer one in xtask/src/vm.rs",
+                    missing.join(" "),
                     kernel.version,
                     kernel.origin,
-                    deb.display()
+                    cache.display()
                 )
             })?;
         }
-        let got = single_deb(&partial)?;
-        fs::rename(&got, &deb).with_context(|| format!("moving into {}", deb.display()))?;
+        // apt names the files its own way (URL-escaped); each goes to its pinned name.
+        for got in debs_in(&partial)? {
+            let (package, _) = deb_fields(&got)?;
+            ensure!(
+                missing.contains(&package.as_str()),
+                "apt-get download fetched {package}, which was not asked for"
+            );
+            fs::rename(&got, cached(&package))
+                .with_context(|| format!("moving {} into {}", got.display(), cache.display()))?;
+        }
         fs::remove_dir(&partial)?;
     }
+    let mut debs = Vec::new();
+    for package in kernel.packages {
+        let deb = cached(package);
+        let (got_package, got_version) = deb_fields(&deb)?;
+        ensure!(
+            got_package == *package && got_version == kernel.version,
+            "{} is {got_package} {got_version}, but kernel {} is pinned to {package} {}; \
+             delete the file to download it again",
+            deb.display(),
+            kernel.label,
+            kernel.version
+        );
+        debs.push(deb);
+    }
+    Ok(debs)
+}
+
+/// A .deb's `Package` and `Version` fields.
+fn deb_fields(deb: &Path) -> anyhow::Result<(String, String)> {
     let out = Command::new("dpkg-deb")
         .args(["-f"])
-        .arg(&deb)
+        .arg(deb)
         .args(["Package", "Version"])
         .output()
         .context("cannot start dpkg-deb")?;
@@ -353,17 +487,7 @@ fn kernel_deb(cache: &Path, kernel: &Kernel) -> anyhow::Result<PathBuf> {
             .trim()
             .to_owned()
     };
-    let (package, version) = (field("Package"), field("Version"));
-    ensure!(
-        package == kernel.package && version == kernel.version,
-        "{} is {package} {version}, but kernel {} is pinned to {} {}; delete the file to \
-         download it again",
-        deb.display(),
-        kernel.label,
-        kernel.package,
-        kernel.version
-    );
-    Ok(deb)
+    Ok((field("Package"), field("Version")))
 }
 
 /// apt options for a kernel from another Debian suite: its own sources list and package
@@ -387,20 +511,12 @@ fn private_sources(cache: &Path, kernel: &Kernel) -> anyhow::Result<Vec<String>>
     ])
 }
 
-fn single_deb(dir: &Path) -> anyhow::Result<PathBuf> {
-    let debs: Vec<PathBuf> = fs::read_dir(dir)?
+fn debs_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    Ok(fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    match debs.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => bail!(
-            "apt-get download left {} .deb files in {}",
-            debs.len(),
-            dir.display()
-        ),
-    }
+        .collect())
 }
 
 // ---- suites -----------------------------------------------------------------------------
@@ -410,6 +526,36 @@ fn single_deb(dir: &Path) -> anyhow::Result<PathBuf> {
 fn programs_suite(root: &Path) -> anyhow::Result<String> {
     let exe = test_executable(root, "ferrovia-agent", "programs")?;
     Ok(format!("{} --test-threads=1", sh_quote(&exe)))
+}
+
+/// The verifier check: every program loaded, its instruction counts printed as
+/// [`VERIFIER_MARK`] lines for the table.
+fn verifier_suite(root: &Path) -> anyhow::Result<String> {
+    let exe = test_executable(root, "ferrovia-agent", "programs")?;
+    Ok(format!(
+        "{} {VERIFIER_TEST} --exact --nocapture",
+        sh_quote(&exe)
+    ))
+}
+
+/// The test that loads every program and prints its verifier statistics
+/// (`agent/tests/programs.rs`).
+const VERIFIER_TEST: &str = "every_program_passes_the_verifier_within_half_its_budget";
+/// Starts each statistics line: `VERIFIER-STATS\tprogram\tverified\txlated\trefused`.
+const VERIFIER_MARK: &str = "VERIFIER-STATS\t";
+
+/// An end-to-end suite of `tests/tests/`: the same executable as on the host, running the
+/// workspace's binaries from the host's `target/debug` (the guest sees the host's files),
+/// pods made by the host's CNI plugins, traffic inside the guest's namespaces.
+fn e2e_suite(root: &Path, test: &str) -> anyhow::Result<String> {
+    run_checked(cargo(root).args(["build", "--bins"]))?;
+    let exe = test_executable(root, "ferrovia-tests", test)?;
+    let bins = root.join("target/debug");
+    Ok(format!(
+        "FERROVIA_BIN_DIR={} {}",
+        sh_quote(&bins),
+        sh_quote(&exe)
+    ))
 }
 
 /// Builds one integration test of `package` and returns its executable, as cargo reports
@@ -472,6 +618,8 @@ enum Outcome {
     Degraded,
     Fail,
     Timeout,
+    /// Not run: no time left in the lane.
+    Skipped,
 }
 
 impl Outcome {
@@ -481,6 +629,7 @@ impl Outcome {
             Outcome::Degraded => "DEGRADED (expected)",
             Outcome::Fail => "FAIL",
             Outcome::Timeout => "TIMEOUT",
+            Outcome::Skipped => "SKIPPED (no time left)",
         }
     }
 }
@@ -495,6 +644,35 @@ struct Cell {
     failed: u64,
     elapsed: Duration,
     outcome: Outcome,
+    /// The verifier's statistics per program, from the `verifier` suite.
+    programs: Vec<ProgramLine>,
+}
+
+impl Cell {
+    fn skipped(kernel: &Kernel, suite: &Suite) -> Self {
+        Cell {
+            kernel: kernel.label,
+            suite: suite.name,
+            guest_release: None,
+            passed: 0,
+            failed: 0,
+            elapsed: Duration::ZERO,
+            outcome: Outcome::Skipped,
+            programs: Vec::new(),
+        }
+    }
+}
+
+/// One [`VERIFIER_MARK`] line of a guest's log.
+#[derive(Debug, PartialEq, Eq)]
+struct ProgramLine {
+    program: String,
+    /// Instructions the verifier processed; `None` where the kernel does not report it.
+    verified: Option<u64>,
+    /// Instructions after the verifier's rewrites.
+    xlated: Option<u64>,
+    /// The verifier refused it (on this kernel its fallback variant runs instead).
+    refused: bool,
 }
 
 /// Written into the log by the guest, before the suite's command.
@@ -552,7 +730,7 @@ fn run_cell(
         log,
         "# kernel {} ({} {}, {}), suite {}\n# {}",
         kernel.label,
-        kernel.package,
+        kernel.packages.join(" "),
         kernel.version,
         kernel.origin,
         suite.name,
@@ -603,7 +781,7 @@ fn run_cell(
     let summary = libtest_summary(&text);
     let (passed, failed) = summary.unwrap_or((0, 0));
     let degraded = kernel_lacks(&text);
-    let right_kernel = guest_release.as_deref() == Some(kernel.release());
+    let right_kernel = guest_release.as_deref() == Some(kernel.release);
     let outcome = match status {
         None => Outcome::Timeout,
         Some(s) if s.success() && summary.is_some() && failed == 0 && right_kernel => Outcome::Pass,
@@ -621,7 +799,28 @@ fn run_cell(
         failed,
         elapsed,
         outcome,
+        programs: verifier_lines(&text),
     })
+}
+
+/// The verifier's statistics a guest printed ([`VERIFIER_MARK`] lines).
+fn verifier_lines(log: &str) -> Vec<ProgramLine> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split_once(VERIFIER_MARK)?.1.trim_end_matches('\r');
+            let mut f = rest.split('\t');
+            let program = f.next()?.to_owned();
+            let verified = f.next()?.parse().ok();
+            let xlated = f.next()?.parse().ok();
+            let refused = f.next().is_some_and(|r| !r.trim().is_empty());
+            Some(ProgramLine {
+                program,
+                verified,
+                xlated,
+                refused,
+            })
+        })
+        .collect()
 }
 
 /// Set by SIGINT or SIGTERM, so the VM in its own session is killed before we leave.
@@ -721,15 +920,16 @@ fn libtest_summary(log: &str) -> Option<(u64, u64)> {
     total
 }
 
-fn print_table(cells: &[Cell]) {
-    println!();
-    println!(
-        "{:<8} {:<10} {:<26} {:>6} {:>6} {:>7}  result",
-        "kernel", "suite", "guest uname -r", "passed", "failed", "time"
-    );
+/// The kernel × suite table, then the verifier's instruction counts per program × kernel;
+/// both printed and written to `target/vm-test/results.md`.
+fn report(base: &Path, cells: &[Cell]) -> anyhow::Result<()> {
+    let mut md =
+        String::from("| kernel | suite | guest `uname -r` | passed | failed | time | result |\n");
+    md.push_str("|---|---|---|---:|---:|---:|---|\n");
     for c in cells {
-        println!(
-            "{:<8} {:<10} {:<26} {:>6} {:>6} {:>6}s  {}",
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} s | {} |",
             c.kernel,
             c.suite,
             c.guest_release.as_deref().unwrap_or("-"),
@@ -739,6 +939,54 @@ fn print_table(cells: &[Cell]) {
             c.outcome.word()
         );
     }
+    let kernels: Vec<&Cell> = cells.iter().filter(|c| !c.programs.is_empty()).collect();
+    if !kernels.is_empty() {
+        let mut programs: Vec<&str> = kernels
+            .iter()
+            .flat_map(|c| c.programs.iter().map(|p| p.program.as_str()))
+            .collect();
+        programs.sort_unstable();
+        programs.dedup();
+        md.push_str(
+            "\nVerifier: instructions processed per program (`verified_insns`, limit 1,000,000; \
+             the test fails past half of it); in parentheses the instructions after the \
+             verifier's rewrites. `n/a`: the kernel does not report the count (before 5.16); \
+             `refused`: the kernel lacks a helper it calls, its fallback variant runs there.\n\n| program |",
+        );
+        for c in &kernels {
+            let _ = write!(md, " {} |", c.kernel);
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(kernels.len()));
+        md.push('\n');
+        for program in programs {
+            let _ = write!(md, "| {program} |");
+            for c in &kernels {
+                let cell = c
+                    .programs
+                    .iter()
+                    .find(|p| p.program == program)
+                    .map_or_else(
+                        || "-".to_owned(),
+                        |p| match (p.refused, p.verified, p.xlated) {
+                            (true, ..) => "refused".to_owned(),
+                            (false, Some(v), Some(x)) => format!("{v} ({x})"),
+                            (false, None, Some(x)) => format!("n/a ({x})"),
+                            (false, v, None) => {
+                                v.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
+                            }
+                        },
+                    );
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+    }
+    println!("\n{md}");
+    let path = base.join("results.md");
+    fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("(also in {})", path.display());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -760,6 +1008,26 @@ mod tests {
                    ---- b stdout ----\nthread 'b' panicked at x.rs:2:1:\nassertion failed\n\n\
                    failures:\n    a\n    b\n";
         assert_eq!(super::kernel_lacks(log), 1);
+    }
+
+    #[test]
+    fn verifier_lines_are_read() {
+        let log = "noise\nVERIFIER-STATS\tfrom_pod\t55002\t8428\t\r\n\
+                   [ 3.1] VERIFIER-STATS\tsock4_connect\t-\t-\tinvalid func unknown#187\n\
+                   VERIFIER-STATS\tto_pod\t-\t1093\t\n";
+        let lines = super::verifier_lines(log);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            (
+                lines[0].program.as_str(),
+                lines[0].verified,
+                lines[0].xlated,
+                lines[0].refused
+            ),
+            ("from_pod", Some(55002), Some(8428), false)
+        );
+        assert_eq!((lines[1].verified, lines[1].refused), (None, true));
+        assert_eq!((lines[2].verified, lines[2].xlated), (None, Some(1093)));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `ferrovia-agent`: the per-node daemon. Loads and pins the BPF data path, watches the
-//! desired state, keeps the maps in sync, and serves the API on a unix socket.
-use std::{path::PathBuf, sync::Arc};
+//! desired state, keeps the maps in sync, and serves the API on a unix socket (and, when
+//! asked, metrics and probes over HTTP).
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use clap::{ArgAction, Parser};
 use ferrovia_agent::{
     api,
     datapath::{Datapath, DatapathConfig, MapSizes},
+    metrics,
     node::Node,
     source::{ManifestsSource, StateSource as _},
 };
@@ -39,6 +41,10 @@ struct Args {
     /// Where the agent keeps what must outlive it (registered pods).
     #[arg(long, default_value = "/run/ferrovia")]
     state_dir: PathBuf,
+    /// Serve HTTP on this address, e.g. `127.0.0.1:9963`: `/metrics` (Prometheus, `OpenMetrics`
+    /// text), `/healthz`, and `/readyz` (200 once the first sync is done). Default: no HTTP.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// Attach tc programs with `clsact/cls_bpf` even where TCX links are available.
     #[arg(long)]
     no_tcx: bool,
@@ -86,6 +92,22 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
 
+    // Bound first: a taken or bad address fails the start before the kernel is touched, and
+    // /healthz answers while the data path loads.
+    let endpoint = Arc::new(metrics::Endpoint::new());
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        let endpoint = Arc::clone(&endpoint);
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, endpoint).await {
+                tracing::error!("the metrics endpoint stopped: {e}");
+            }
+        });
+    }
+
     let cgroup = if args.socket_lb {
         Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?)
     } else {
@@ -123,8 +145,10 @@ async fn main() -> Result<()> {
         datapath,
         reload,
     )?);
-    // The first full sync happens before the API socket exists: its presence means ready.
+    // The first full sync happens before the API socket exists: its presence means ready,
+    // and so does /readyz.
     node.resync_now().await;
+    endpoint.ready(Arc::clone(&node) as Arc<dyn metrics::MetricsSource>);
 
     let (tx, mut rx) = tokio::sync::watch::channel(source.state());
     let watcher = {

@@ -6,6 +6,7 @@ pub mod attach;
 pub mod netns;
 pub mod policy;
 pub mod services;
+pub mod verifier;
 
 use std::{collections::BTreeMap, fs, path::PathBuf};
 
@@ -162,19 +163,8 @@ impl Datapath {
         for name in MAP_NAMES {
             loader.map_pin_path(name, cfg.bpffs_root.join(name));
         }
+        size_maps(&mut loader, &cfg.sizes);
         let s = &cfg.sizes;
-        loader
-            .map_max_entries("SERVICES", s.services)
-            .map_max_entries("BACKENDS", s.backends)
-            .map_max_entries("CONNTRACK", s.conntrack)
-            .map_max_entries("AFFINITY", s.affinity)
-            .map_max_entries("SOCK_FWD", s.sock_fwd)
-            .map_max_entries("SOCK_REVNAT", s.sock_revnat)
-            .map_max_entries("POLICY_PODS", s.policy_endpoints)
-            .map_max_entries("POLICY_PEERS", s.policy_peers)
-            .map_max_entries("POLICY_PORTS", s.policy_ports)
-            .map_max_entries("POLICY_CT", s.policy_ct)
-            .map_max_entries("POLICY_VERDICTS", s.policy_verdicts);
         let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
 
         for name in ["from_pod", "to_pod"] {
@@ -413,16 +403,41 @@ impl Datapath {
         attach::detach_tc(&iface.ifname, TcAttachType::Egress, &links, iface.egress);
     }
 
-    /// Whether a pod's programs are attached (its pinned links exist, or its filters do).
+    /// Whether a pod's programs are attached, per direction: its pinned TCX link exists, or its
+    /// classic filter is on the clsact hook at its priority and handle, running this run's
+    /// program. A CNI CHECK asks this, so what cannot be confirmed (a netlink failure) counts
+    /// as not attached, logged with its cause: CHECK fails rather than vouch for what it did
+    /// not see.
     #[must_use]
     pub fn is_attached(&self, iface: &AttachedInterface) -> bool {
         let links = attach::links_dir(&self.cfg.bpffs_root);
-        let exists = |dir: &str| links.join(format!("tc-{}-{dir}", iface.ifname)).exists();
-        let up = interface_exists(&iface.ifname);
-        match (iface.ingress, iface.egress) {
-            (TcMode::Tcx, TcMode::Tcx) => exists("ingress") && exists("egress"),
-            _ => up,
-        }
+        let ifname = iface.ifname.as_str();
+        [
+            ("from_pod", TcAttachType::Ingress, iface.ingress),
+            ("to_pod", TcAttachType::Egress, iface.egress),
+        ]
+        .into_iter()
+        .all(|(name, dir, mode)| match mode {
+            TcMode::Tcx => attach::tcx_link_pinned(&links, ifname, dir),
+            TcMode::Netlink { priority, handle } => {
+                let prog_id = || -> Result<u32> {
+                    let prog: &SchedClassifier = self
+                        .ebpf
+                        .program(name)
+                        .with_context(|| format!("program {name} missing"))?
+                        .try_into()?;
+                    Ok(prog.info()?.id())
+                };
+                prog_id()
+                    .and_then(|id| {
+                        attach::classic_filter_attached(ifname, dir, priority, handle, id)
+                    })
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(%ifname, "cannot confirm that {name} is attached: {e:#}");
+                        false
+                    })
+            }
+        })
     }
 
     /// Totals of the data path's verdict counters.
@@ -443,6 +458,31 @@ pub fn interface_exists(ifname: &str) -> bool {
     nix::net::if_::if_nametoindex(ifname).is_ok()
 }
 
+/// The capacities of the resizable maps.
+fn size_maps(loader: &mut EbpfLoader, s: &MapSizes) {
+    loader
+        .map_max_entries("SERVICES", s.services)
+        .map_max_entries("BACKENDS", s.backends)
+        .map_max_entries("CONNTRACK", s.conntrack)
+        .map_max_entries("AFFINITY", s.affinity)
+        .map_max_entries("SOCK_FWD", s.sock_fwd)
+        .map_max_entries("SOCK_REVNAT", s.sock_revnat)
+        .map_max_entries("POLICY_PODS", s.policy_endpoints)
+        .map_max_entries("POLICY_PEERS", s.policy_peers)
+        .map_max_entries("POLICY_PORTS", s.policy_ports)
+        .map_max_entries("POLICY_CT", s.policy_ct)
+        .map_max_entries("POLICY_VERDICTS", s.policy_verdicts);
+}
+
+/// The variant of socket hook `name` for kernels without `bpf_set_retval` (Linux 5.18+).
+fn fallback_of(name: &str) -> Option<&'static str> {
+    match name {
+        "sock4_connect" => Some("sock4_conn_old"),
+        "sock4_sendmsg" => Some("sock4_send_old"),
+        _ => None,
+    }
+}
+
 /// Loads socket hook `name`, or, when the verifier refuses it for a helper this kernel lacks,
 /// its variant without that helper (noting the degradation). Returns the loaded program's name.
 fn load_sock_program(
@@ -450,11 +490,7 @@ fn load_sock_program(
     name: &'static str,
     degraded: &mut Vec<String>,
 ) -> Result<&'static str> {
-    let fallback = match name {
-        "sock4_connect" => Some("sock4_conn_old"),
-        "sock4_sendmsg" => Some("sock4_send_old"),
-        _ => None,
-    };
+    let fallback = fallback_of(name);
     let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
     let err = match prog.load() {
         Ok(()) => return Ok(name),

@@ -6,13 +6,15 @@
 //! so a new connection costs no thread. `probe` sends requests and prints one JSON line per
 //! request (see [`ProbeLine`]). `probe-many` sends one request to each of many targets at once
 //! and prints one JSON line per target (see [`TargetLine`]): the policy suites' truth tables.
+//! `http-get` fetches one URL and prints one JSON line (see [`HttpLine`]): the agent's
+//! `/metrics`, `/healthz` and `/readyz`, from inside the node's network namespace.
 //!
 //! Both first join `--cgroup` and `--netns`, before any thread or runtime exists:
 //! `setns(CLONE_NEWNET)` only moves the calling thread, and the agent's cgroup socket hooks only
 //! see sockets of processes inside its cgroup.
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read as _, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -88,6 +90,14 @@ enum Command {
         #[arg(long, default_value_t = 400)]
         timeout_ms: u64,
     },
+    /// `GET` one `http://IP:PORT/PATH` URL; print one JSON line (status, content type, body).
+    /// Exits non-zero when no HTTP reply comes back.
+    HttpGet {
+        url: String,
+        /// Time to connect, and for each read or write.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }
 
 fn parse_target(s: &str) -> Result<(Proto, SocketAddr), String> {
@@ -147,6 +157,14 @@ struct TargetLine {
     error: Option<String>,
 }
 
+/// An HTTP reply, printed as a JSON line by `http-get`; the harness parses it as `HttpReply`.
+#[derive(Serialize)]
+struct HttpLine {
+    status: u16,
+    content_type: Option<String>,
+    body: String,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Still single-threaded here: this must happen before any thread is spawned.
@@ -181,7 +199,52 @@ fn main() -> Result<()> {
             targets,
             timeout_ms,
         } => probe_many(targets, Duration::from_millis(timeout_ms)),
+        Command::HttpGet { url, timeout_ms } => {
+            let line = http_get(&url, Duration::from_millis(timeout_ms))
+                .with_context(|| format!("GET {url}"))?;
+            println!("{}", serde_json::to_string(&line)?);
+            Ok(())
+        }
     }
+}
+
+/// One `GET` over HTTP/1.0: the server closes the connection after the reply and never
+/// chunks the body, so reading to EOF is the whole reply.
+fn http_get(url: &str, timeout: Duration) -> Result<HttpLine> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url:?} is not http://IP:PORT/PATH"))?;
+    let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+    let addr: SocketAddr = authority
+        .parse()
+        .with_context(|| format!("{authority:?} is not IP:PORT"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let raw = String::from_utf8(raw).context("the reply is not UTF-8")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {raw:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let content_type = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_owned())
+    });
+    Ok(HttpLine {
+        status,
+        content_type,
+        body: body.to_owned(),
+    })
 }
 
 /// Binds `[::]:port` dual-stack, falling back to `0.0.0.0:port` when the namespace has no IPv6.
