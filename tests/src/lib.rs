@@ -36,4 +36,10 @@ pub use pod::Pod;
 pub use sys::sweep_stale;
 pub use workload::{Place, ProbeResult, ProbeSpec, ProbeStream, Proto, Server, TargetResult};
 pub mod cni_check;
+
+/// Starts a failure that the kernel's missing feature causes, where the agent reports the
+/// degradation and the behaviour is the documented degraded one: the kernel matrix
+/// (`cargo xtask vm-test`) counts such a test as an expected degradation, not a failure.
+/// The same marker as `ferrovia_agent::datapath::KERNEL_LACKS`.
+pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
 pub mod sendto;

@@ -9,13 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferrovia_tests::{Agent, AgentOpts, Node, Pod, ProbeResult, ProbeSpec, Proto, Server};
+use ferrovia_tests::{
+    Agent, AgentOpts, KERNEL_LACKS, Node, Pod, ProbeResult, ProbeSpec, Proto, Server,
+};
 
 /// A node with its agent, pods by name and their servers (all removed on drop).
 struct Cluster {
     pods: BTreeMap<String, Pod>,
     _servers: Vec<Server>,
-    _agent: Agent,
+    agent: Agent,
     node: Node,
 }
 
@@ -42,7 +44,7 @@ impl Cluster {
         Self {
             pods,
             _servers: servers,
-            _agent: agent,
+            agent,
             node,
         }
     }
@@ -318,14 +320,33 @@ fn rejects_without_endpoints(socket_lb: bool) {
     // The agent is ready once its socket exists and the CNI ADD returned: no wait needed,
     // but allow the first sync a moment by polling for the refusal itself.
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Kernels before 5.18 lack bpf_set_retval: the socket hooks' fallback refuses with
+    // EPERM, and the agent says so in its status. Both protocols are probed either way.
+    let mut lacking = Vec::new();
     for spec in [ProbeSpec::tcp(vip(80)), ProbeSpec::udp(vip(53))] {
         let spec = spec.count(3).timeout(Duration::from_secs(3));
+        let hook = match spec.proto {
+            Proto::Tcp => "sock4_connect",
+            Proto::Udp => "sock4_sendmsg",
+        };
         loop {
             let results = client.probe(&spec).expect("probe");
             if results
                 .iter()
                 .all(|r| r.error.as_deref() == Some("ECONNREFUSED"))
             {
+                break;
+            }
+            if socket_lb
+                && results.iter().all(|r| r.error.as_deref() == Some("EPERM"))
+                && c.agent.status().expect("agent status")["degraded"]
+                    .to_string()
+                    .contains(&format!("\"{hook}:"))
+            {
+                lacking.push(format!(
+                    "{:?} (the agent reports {hook} degraded)",
+                    spec.proto
+                ));
                 break;
             }
             assert!(
@@ -335,6 +356,12 @@ fn rejects_without_endpoints(socket_lb: bool) {
             );
         }
     }
+    assert!(
+        lacking.is_empty(),
+        "{KERNEL_LACKS} bpf_set_retval (Linux 5.18+): {} to a service without endpoints \
+         failed with EPERM as documented, not ECONNREFUSED",
+        lacking.join(", ")
+    );
 }
 
 #[test]

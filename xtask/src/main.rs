@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
             vm::run(
                 &root,
                 &vm::Options {
-                    kernels: vm::CI_KERNELS.map(String::from).to_vec(),
+                    kernels: vm::ci_kernels(),
                     suites: Vec::new(),
                     timeout: Duration::from_secs(VM_TIMEOUT_S),
                     deadline: Some(started + Duration::from_secs(budget_min * 60)),

@@ -146,7 +146,7 @@ const COUNTER_NAMES: [(&str, u32); 13] = [
 impl Datapath {
     /// Loads the programs, opening the pinned maps of a previous run if there are any (so
     /// conntrack and services survive a restart), and attaches the socket hooks.
-    pub fn load(cfg: DatapathConfig) -> Result<Self> {
+    pub fn load(mut cfg: DatapathConfig) -> Result<Self> {
         if BPF_OBJECT.is_empty() {
             bail!(
                 "this binary was built with AYA_BUILD_SKIP=1 and carries no BPF object; rebuild without it"
@@ -181,6 +181,17 @@ impl Datapath {
                 Some(cgroup) => attach::attach_cgroup(prog, name, cgroup, &links)?,
                 None => attach::detach_cgroup(name, &links),
             }
+        }
+        // TCX (Linux 6.6+), probed by a query on loopback (no side effect): without it
+        // each pod gets classic filters, which work, but are not links.
+        if cfg.prefer_tcx && SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_err() {
+            // What the probe says is what pods get: status and attachments agree.
+            cfg.prefer_tcx = false;
+            degraded.push(
+                "tc: no TCX links (Linux 6.6+): programs attach as clsact/cls_bpf filters, \
+                 replaced in place by priority and handle on restart"
+                    .into(),
+            );
         }
         for what in &degraded {
             tracing::warn!("degraded on this kernel: {what}");
@@ -490,24 +501,41 @@ fn load_sock_program(
     name: &'static str,
     degraded: &mut Vec<String>,
 ) -> Result<&'static str> {
-    let fallback = fallback_of(name);
     let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
     let err = match prog.load() {
         Ok(()) => return Ok(name),
-        Err(e) => e,
+        Err(e) => anyhow::Error::from(e),
     };
-    let Some(fallback) = fallback else {
+    let refusal = format!("{err:#}");
+    // Only the missing helper makes a fallback right: any other refusal is a bug to fix,
+    // which a silent fallback would hide (and the kernel matrix would call expected).
+    let (Some(fallback), true) = (fallback_of(name), lacks_set_retval(&refusal)) else {
         return Err(err).with_context(|| format!("verifying {name}"));
     };
     let prog: &mut CgroupSockAddr = program(ebpf, fallback)?.try_into()?;
     prog.load().map_err(|e| {
-        anyhow::anyhow!("verifying {name}: {err:#}; and its variant {fallback}: {e:#}")
+        anyhow::anyhow!("verifying {name}: {refusal}; and its variant {fallback}: {e:#}")
     })?;
+    let what = if name == "sock4_connect" {
+        "connect() to a service without endpoints"
+    } else {
+        "a datagram sent to a service without endpoints"
+    };
     degraded.push(format!(
-        "{name}: a call to a service without endpoints fails with EPERM, not ECONNREFUSED (no bpf_set_retval: Linux 5.18+); verifier said: {}",
-        verifier_reason(&format!("{err:#}"))
+        "{name}: {what} fails with EPERM, not ECONNREFUSED (no bpf_set_retval: Linux 5.18+); \
+         verifier said: {}",
+        verifier_reason(&refusal)
     ));
     Ok(fallback)
+}
+
+/// Whether the verifier refused a program for calling `bpf_set_retval`, helper number 187
+/// (stable ABI): `invalid func unknown#187` where the kernel does not know it,
+/// `unknown func bpf_set_retval#187` where the program type may not call it.
+fn lacks_set_retval(verifier_log: &str) -> bool {
+    verifier_log
+        .lines()
+        .any(|l| (l.contains("invalid func") || l.contains("unknown func")) && l.contains("#187"))
 }
 
 /// The line of a verifier log that says why it refused (an unknown helper), else its first.
@@ -574,5 +602,21 @@ fn raise_memlock() {
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_missing_set_retval_helper_allows_the_fallback() {
+        assert!(super::lacks_set_retval(
+            "0: (85) call unknown#187\ninvalid func unknown#187"
+        ));
+        assert!(super::lacks_set_retval("unknown func bpf_set_retval#187"));
+        assert!(!super::lacks_set_retval("invalid func unknown#186"));
+        assert!(!super::lacks_set_retval("R1 invalid mem access 'scalar'"));
+        assert!(!super::lacks_set_retval(
+            "BPF program is too large. Processed 1000001 insn"
+        ));
     }
 }

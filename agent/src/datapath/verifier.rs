@@ -5,7 +5,7 @@
 use anyhow::{Context as _, Result, bail};
 use aya::programs::Program;
 
-use super::{BPF_OBJECT, MapSizes, fallback_of, raise_memlock, size_maps};
+use super::{BPF_OBJECT, MapSizes, fallback_of, lacks_set_retval, raise_memlock, size_maps};
 
 /// The kernel's limit on instructions the verifier may process per program (since 5.2).
 pub const COMPLEXITY_LIMIT: u32 = 1_000_000;
@@ -58,8 +58,11 @@ pub fn verify_all(sizes: &MapSizes) -> Result<Vec<ProgramStats>> {
         });
     }
     for (name, error) in rejected {
+        // As in `Datapath::load`: only a hook refused for the missing helper, whose fallback
+        // loaded, is a degradation; any other refusal fails.
         let fallback = fallback_of(&name);
-        if !fallback.is_some_and(|f| stats.iter().any(|s| s.name == f)) {
+        if !lacks_set_retval(&error) || !fallback.is_some_and(|f| stats.iter().any(|s| s.name == f))
+        {
             bail!("the verifier refused program {name}: {error}");
         }
         stats.push(ProgramStats {
