@@ -573,12 +573,15 @@ const E2E_BINARIES: &[&str] = &[
 fn e2e_suite(root: &Path, test: &str) -> anyhow::Result<String> {
     run_checked(cargo(root).args(["build", "--bins"]))?;
     let exe = test_executable(root, "ferrovia-tests", test)?;
+    // The binaries sit in the profile directory above the test's `deps/` (which follows
+    // CARGO_TARGET_DIR).
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("a test executable lives in <profile>/deps/")?
+        .to_path_buf();
     let mut files = vec![exe];
-    files.extend(
-        E2E_BINARIES
-            .iter()
-            .map(|b| root.join("target/debug").join(b)),
-    );
+    files.extend(E2E_BINARIES.iter().map(|b| profile.join(b)));
     let files = snapshot(root, test, &files)?;
     let bins = files[1].parent().expect("a file in a directory");
     Ok(format!(
