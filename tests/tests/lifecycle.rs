@@ -1404,6 +1404,24 @@ fn metrics_endpoint_serves_health_readiness_and_the_kernels_degradations() {
         .sum();
     assert_eq!(sum, degraded.len() as f64, "{}", metrics.body);
 
+    // What the TCX probe reports is what a pod gets: a pinned TCX link, or (`tc` degraded)
+    // classic filters and no link.
+    let pod = node.add_pod("default", "p").expect("CNI ADD");
+    let tcx_link = links_dir(&node)
+        .join(format!("tc-{}-ingress", pod.host_ifname))
+        .exists();
+    assert_eq!(
+        tcx_link,
+        !hooks.contains("tc"),
+        "TCX link pinned: {tcx_link}; Status says {degraded:#?}"
+    );
+    assert_eq!(
+        tc_programs(&node, &pod.host_ifname).len(),
+        2,
+        "both programs attached to {}",
+        pod.host_ifname
+    );
+
     // No label carries an address.
     for sample in &exposition.samples {
         for value in sample.labels.values() {
