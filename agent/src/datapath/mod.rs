@@ -164,7 +164,6 @@ impl Datapath {
             loader.map_pin_path(name, cfg.bpffs_root.join(name));
         }
         size_maps(&mut loader, &cfg.sizes);
-        let s = &cfg.sizes;
         let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
 
         for name in ["from_pod", "to_pod"] {
@@ -182,17 +181,7 @@ impl Datapath {
                 None => attach::detach_cgroup(name, &links),
             }
         }
-        // TCX (Linux 6.6+), probed by a query on loopback (no side effect): without it
-        // each pod gets classic filters, which work, but are not links.
-        if cfg.prefer_tcx && SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_err() {
-            // What the probe says is what pods get: status and attachments agree.
-            cfg.prefer_tcx = false;
-            degraded.push(
-                "tc: no TCX links (Linux 6.6+): programs attach as clsact/cls_bpf filters, \
-                 replaced in place by priority and handle on restart"
-                    .into(),
-            );
-        }
+        probe_kernel(&mut cfg, &mut degraded);
         for what in &degraded {
             tracing::warn!("degraded on this kernel: {what}");
         }
@@ -222,9 +211,9 @@ impl Datapath {
                 verdicts: PerCpuHashMap::try_from(take(&mut ebpf, "POLICY_VERDICTS")?)?,
             },
             policy::PolicyCapacity {
-                endpoints: s.policy_endpoints,
-                peers: s.policy_peers,
-                ports: s.policy_ports,
+                endpoints: cfg.sizes.policy_endpoints,
+                peers: cfg.sizes.policy_peers,
+                ports: cfg.sizes.policy_ports,
             },
             cfg.network_policy,
         )
@@ -467,6 +456,32 @@ impl Datapath {
 #[must_use]
 pub fn interface_exists(ifname: &str) -> bool {
     nix::net::if_::if_nametoindex(ifname).is_ok()
+}
+
+/// What the kernel offers besides helpers, found by asking it (side-effect free), with what
+/// runs differently where it lacks something; `cfg` follows what was found.
+fn probe_kernel(cfg: &mut DatapathConfig, degraded: &mut Vec<String>) {
+    // TCX (Linux 6.6+), probed by a query on loopback (no side effect): without it
+    // each pod gets classic filters, which work, but are not links.
+    if cfg.prefer_tcx && SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_err() {
+        // What the probe says is what pods get: status and attachments agree.
+        cfg.prefer_tcx = false;
+        degraded.push(
+            "tc: no TCX links (Linux 6.6+): programs attach as clsact/cls_bpf filters, \
+             replaced in place by priority and handle on restart"
+                .into(),
+        );
+    }
+    // The socket hooks know a policed pod reaching itself through a VIP by its network
+    // namespace's cookie, which the agent reads with SO_NETNS_COOKIE (Linux 5.14+).
+    if cfg.socket_lb_cgroup.is_some() && cfg.network_policy && !netns::cookies_supported() {
+        degraded.push(
+            "hairpin: no SO_NETNS_COOKIE (Linux 5.14+): a NetworkPolicy-isolated pod \
+             reaching itself through a service VIP is translated by the socket hooks and \
+             not judged by its own policy"
+                .into(),
+        );
+    }
 }
 
 /// The capacities of the resizable maps.
