@@ -42,8 +42,9 @@ enum Task {
         /// Only the host's `cargo test`, no VMs.
         #[arg(long)]
         host_only: bool,
-        /// Minutes from the start by which the VM lane must be done: a VM that might not end
-        /// in time is skipped, and the table says so (CI allows 90 minutes in all).
+        /// Minutes from the start by which the VM lane must be done: a VM gets at most what is
+        /// left, one cut off by the deadline is reported CUT OFF (not failed), and none starts
+        /// with less than 2 minutes left (CI allows 90 minutes in all).
         #[arg(long, value_name = "MIN", default_value_t = 80)]
         budget_min: u64,
         #[arg(last = true)]
