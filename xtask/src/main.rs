@@ -144,15 +144,18 @@ fn main() -> anyhow::Result<()> {
             kernels,
             suites,
             timeout_s,
-        } => vm::run(
-            &root,
-            &vm::Options {
-                kernels,
-                suites,
-                timeout: Duration::from_secs(timeout_s),
-                deadline: None,
-            },
-        ),
+        } => {
+            setup::run()?;
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels,
+                    suites,
+                    timeout: Duration::from_secs(timeout_s),
+                    deadline: None,
+                },
+            )
+        }
     }
 }
 

@@ -165,13 +165,13 @@ pub fn ci_kernels() -> Vec<String> {
     vec!["6.1".to_owned(), newest.to_owned()]
 }
 
-/// `setup`, then every selected suite on every selected kernel (names checked first).
+/// Every selected suite on every selected kernel (names checked first); the caller has run
+/// `setup`.
 pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
     let kernels = select(KERNELS, &opts.kernels, |k| k.label, "kernel")?;
     let suites = select(SUITES, &opts.suites, |s| s.name, "suite")?;
     let base = root.join("target/vm-test");
 
-    crate::setup::run()?;
     host_packages()?;
     let venv_bin = virtme_ng(&base.join("venv"))?;
     let mut images = Vec::new();
