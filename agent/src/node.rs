@@ -188,29 +188,7 @@ impl PodRegistry for Node {
                 ApiError::Internal(format!("pod {}/{}: {e:#}", pod.namespace, pod.name))
             })?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ifname = %pod.host_ifname, ips = ?pod.ips, "pod registered");
-        // Lets the socket hooks tell a pod reaching itself (for policy); best effort.
-        let netns_cookie = match crate::datapath::netns::cookie(std::path::Path::new(&pod.netns)) {
-            Ok(cookie) => {
-                let v4 = pod.ips.iter().find_map(|ip| match ip {
-                    std::net::IpAddr::V4(v4) => Some(*v4),
-                    std::net::IpAddr::V6(_) => None,
-                });
-                if let Some(v4) = v4
-                    && let Err(e) = inner.datapath.set_pod_netns(cookie, v4)
-                {
-                    tracing::warn!("pod {}/{}: {e:#}", pod.namespace, pod.name);
-                }
-                Some(cookie)
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "pod {}/{}: no network-namespace cookie ({e:#}); a hairpin of this pod through the socket hooks is not judged by policy",
-                    pod.namespace,
-                    pod.name
-                );
-                None
-            }
-        };
+        let netns_cookie = learn_netns_cookie(&mut inner.datapath, &pod);
         let record = PodRecord {
             container_id: pod.container_id,
             netns: pod.netns,
@@ -301,4 +279,33 @@ impl crate::metrics::MetricsSource for Node {
     fn degraded(&self) -> Vec<String> {
         self.degraded.clone()
     }
+}
+
+/// Records `pod`'s network-namespace cookie for the socket hooks, which tell a policed pod
+/// reaching itself through a VIP by it; best effort (a failure is logged: that hairpin is then
+/// not judged by the pod's policy). None without socket hooks.
+fn learn_netns_cookie(datapath: &mut Datapath, pod: &PodRegistration) -> Option<u64> {
+    if !datapath.socket_lb() {
+        return None;
+    }
+    let cookie = datapath
+        .netns_cookie(std::path::Path::new(&pod.netns))
+        .inspect_err(|e| {
+            tracing::warn!(
+                "pod {}/{}: no network-namespace cookie ({e:#}); a hairpin of this pod through the socket hooks is not judged by policy",
+                pod.namespace,
+                pod.name
+            );
+        })
+        .ok()?;
+    let v4 = pod.ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        std::net::IpAddr::V6(_) => None,
+    });
+    if let Some(v4) = v4
+        && let Err(e) = datapath.set_pod_netns(cookie, v4)
+    {
+        tracing::warn!("pod {}/{}: {e:#}", pod.namespace, pod.name);
+    }
+    Some(cookie)
 }

@@ -406,7 +406,7 @@ fn pinned_map<K: aya::Pod, V: aya::Pod>(
     name: &str,
 ) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
     let data = aya::maps::MapData::from_pin(t.root.join(name)).expect("pinned map");
-    let map = if name == "SERVICES" || name == "BACKENDS" {
+    let map = if ["SERVICES", "BACKENDS", "NETNS_PROBE"].contains(&name) {
         aya::maps::Map::HashMap(data)
     } else {
         aya::maps::Map::LruHashMap(data)
@@ -1913,6 +1913,126 @@ fn a_pods_flows_are_forgotten_when_it_leaves() {
         run(&t, "from_pod", &reply).0,
         TC_ACT_SHOT,
         "the same packet from a new pod at that address is not a reply"
+    );
+}
+
+/// Test-owned objects for the network-namespace probe: cgroups and named namespaces, removed
+/// on drop (also when the test fails).
+struct ProbeFixture {
+    cgroups: Vec<PathBuf>,
+    netns: Vec<String>,
+}
+
+impl ProbeFixture {
+    fn cgroup(&mut self, name: &str) -> PathBuf {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]))
+            .expect("a cgroup2 mount");
+        let dir = root.join(format!("fv-prog-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.cgroups.push(dir.clone());
+        dir
+    }
+
+    fn netns(&mut self, name: &str) -> PathBuf {
+        let name = format!("fv-prog-{name}-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        self.netns.push(name.clone());
+        PathBuf::from("/run/netns").join(name)
+    }
+}
+
+impl Drop for ProbeFixture {
+    fn drop(&mut self) {
+        for name in &self.netns {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
+        }
+        for dir in &self.cgroups {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Kernels before 5.14 do not tell a network namespace's cookie to user space; the agent then
+/// learns it through `sock4_connect` (a connect from the namespace to a registered nonce in
+/// 0.0.0.0/8). What it learns must be what the kernel says (`SO_NETNS_COOKIE`, where the
+/// kernel has it; else the same twice) for the agent's own namespace and two others,
+/// distinct, with no probe left in the map; a probe from outside the hook's cgroup fails with
+/// an error saying so.
+#[test]
+fn netns_cookies_learnt_through_the_connect_hook_are_the_kernels() {
+    use ferrovia_agent::datapath::netns;
+    let mut fx = ProbeFixture {
+        cgroups: Vec::new(),
+        netns: Vec::new(),
+    };
+    let hooked = fx.cgroup("probe-hooked");
+    let elsewhere = fx.cgroup("probe-elsewhere");
+    let root = PathBuf::from(format!("/sys/fs/bpf/fv-prog-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let t = Loaded {
+        dp: Some(
+            Datapath::load(DatapathConfig {
+                bpffs_root: root.clone(),
+                socket_lb_cgroup: Some(hooked.clone()),
+                sizes: small_maps(),
+                prefer_tcx: true,
+                network_policy: true,
+            })
+            .expect("loading the data path"),
+        ),
+        root,
+    };
+    let mut probes = pinned_map::<u64, u64>(&t, "NETNS_PROBE");
+    let spaces = [
+        PathBuf::from("/proc/self/ns/net"),
+        fx.netns("probe-a"),
+        fx.netns("probe-b"),
+    ];
+    let mut seen = Vec::new();
+    for ns in &spaces {
+        let learnt = netns::probe(&mut probes, &hooked, ns)
+            .unwrap_or_else(|e| panic!("probing {}: {e:#}", ns.display()));
+        // Where the kernel tells it (5.14+), it is what the kernel says; before, at least the
+        // same on a second probe.
+        let told = if netns::cookies_supported() {
+            netns::cookie(ns).expect("SO_NETNS_COOKIE")
+        } else {
+            netns::probe(&mut probes, &hooked, ns).expect("a second probe")
+        };
+        assert_eq!(learnt, told, "{}", ns.display());
+        assert_ne!(learnt, 0);
+        seen.push(learnt);
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        spaces.len(),
+        "distinct namespaces, distinct cookies"
+    );
+
+    let err = netns::probe(&mut probes, &elsewhere, &spaces[1])
+        .expect_err("no hook in that cgroup: the probe must fail");
+    assert!(
+        format!("{err:#}").contains("did not reach the socket hook"),
+        "{err:#}"
+    );
+    assert_eq!(
+        probes.keys().count(),
+        0,
+        "every probe removes its nonce, failed or not"
     );
 }
 

@@ -39,7 +39,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MORE: usize = 20;
 
 /// The maps the agent pins (agent/src/datapath/mod.rs `MAP_NAMES`).
-const MAP_NAMES: [&str; 15] = [
+const MAP_NAMES: [&str; 16] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -55,6 +55,7 @@ const MAP_NAMES: [&str; 15] = [
     "POLICY_VERDICTS",
     "POD_NETNS",
     "POLICY_FRAGS",
+    "NETNS_PROBE",
 ];
 
 fn vip() -> SocketAddr {

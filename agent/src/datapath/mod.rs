@@ -8,7 +8,11 @@ pub mod policy;
 pub mod services;
 pub mod verifier;
 
-use std::{collections::BTreeMap, fs, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -32,7 +36,7 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 16] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -48,6 +52,7 @@ pub const MAP_NAMES: [&str; 15] = [
     "POLICY_VERDICTS",
     "POD_NETNS",
     "POLICY_FRAGS",
+    "NETNS_PROBE",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -118,6 +123,10 @@ pub struct Datapath {
     services: services::ServiceWriter,
     policy: policy::PolicyWriter,
     pod_netns: HashMap<aya::maps::MapData, u64, ferrovia_common::EndpointKey>,
+    /// Nonce → cookie rendezvous of [`netns::probe`].
+    netns_probe: HashMap<aya::maps::MapData, u64, u64>,
+    /// Whether the kernel tells a namespace's cookie to user space (`SO_NETNS_COOKIE`).
+    sockopt_cookies: bool,
     policy_ct: HashMap<aya::maps::MapData, ferrovia_common::CtKey, ferrovia_common::PolicyCtValue>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
     /// What this kernel cannot do as designed, found by loading (not by version strings).
@@ -182,9 +191,6 @@ impl Datapath {
             }
         }
         probe_kernel(&mut cfg, &mut degraded);
-        for what in &degraded {
-            tracing::warn!("degraded on this kernel: {what}");
-        }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -201,6 +207,7 @@ impl Datapath {
         )
         .context("reading the pinned service maps")?;
         let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
+        let netns_probe = HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?;
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
@@ -225,16 +232,58 @@ impl Datapath {
             root = %cfg.bpffs_root.display(),
             "data path loaded"
         );
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             cfg,
             services,
             policy,
             pod_netns,
+            netns_probe,
             policy_ct,
+            sockopt_cookies: netns::cookies_supported(),
             counters,
             degraded,
-        })
+        };
+        dp.probe_netns_cookies();
+        for what in &dp.degraded {
+            tracing::warn!("degraded on this kernel: {what}");
+        }
+        Ok(dp)
+    }
+
+    /// The socket hooks know a policed pod reaching itself through a VIP by its network
+    /// namespace's cookie. Where the kernel does not tell it (`SO_NETNS_COOKIE`, 5.14+), the
+    /// agent learns it through the connect hook ([`netns::probe`]); this tries that once on
+    /// the agent's own namespace, and reports the hairpin as degraded if it fails.
+    fn probe_netns_cookies(&mut self) {
+        if self.sockopt_cookies || !self.socket_lb() || !self.cfg.network_policy {
+            return;
+        }
+        match self.netns_cookie(Path::new("/proc/thread-self/ns/net")) {
+            Ok(_) => tracing::info!(
+                "no SO_NETNS_COOKIE (Linux 5.14+): pods' namespace cookies are learnt through \
+                 the connect hook"
+            ),
+            Err(e) => self.degraded.push(format!(
+                "hairpin: no SO_NETNS_COOKIE (Linux 5.14+) and the connect hook's probe \
+                 failed ({e:#}): a NetworkPolicy-isolated pod reaching itself through a \
+                 service VIP is translated by the socket hooks and not judged by its own \
+                 policy"
+            )),
+        }
+    }
+
+    /// The cookie of the network namespace at `netns` as the socket hooks see it: asked of
+    /// the kernel (`SO_NETNS_COOKIE`, Linux 5.14+) or, before, learnt through the connect
+    /// hook ([`netns::probe`]), which needs the socket hooks.
+    pub fn netns_cookie(&mut self, netns: &Path) -> Result<u64> {
+        if self.sockopt_cookies {
+            return netns::cookie(netns);
+        }
+        let Some(cgroup) = &self.cfg.socket_lb_cgroup else {
+            bail!("no SO_NETNS_COOKIE (Linux 5.14+) and no socket hooks to learn it through");
+        };
+        netns::probe(&mut self.netns_probe, cgroup, netns)
     }
 
     /// Writes the desired frontends. Errors name the frontends left at their previous state.
@@ -469,16 +518,6 @@ fn probe_kernel(cfg: &mut DatapathConfig, degraded: &mut Vec<String>) {
         degraded.push(
             "tc: no TCX links (Linux 6.6+): programs attach as clsact/cls_bpf filters, \
              replaced in place by priority and handle on restart"
-                .into(),
-        );
-    }
-    // The socket hooks know a policed pod reaching itself through a VIP by its network
-    // namespace's cookie, which the agent reads with SO_NETNS_COOKIE (Linux 5.14+).
-    if cfg.socket_lb_cgroup.is_some() && cfg.network_policy && !netns::cookies_supported() {
-        degraded.push(
-            "hairpin: no SO_NETNS_COOKIE (Linux 5.14+): a NetworkPolicy-isolated pod \
-             reaching itself through a service VIP is translated by the socket hooks and \
-             not judged by its own policy"
                 .into(),
         );
     }

@@ -78,6 +78,13 @@ pub static POLICY_VERDICTS: PerCpuHashMap<VerdictKey, VerdictValue, 65_536> = Pe
 #[btf_map]
 pub static POD_NETNS: HashMap<u64, EndpointKey, 16_384> = HashMap::new();
 
+/// The agent's network-namespace probes (kernels without `SO_NETNS_COOKIE`, before 5.14):
+/// nonce (probe address and port as the hook sees them) → cookie of the namespace whose
+/// socket connected there, 0 until then. Entries are created and removed by the agent only;
+/// `sock4_connect` fills in an existing one.
+#[btf_map]
+pub static NETNS_PROBE: HashMap<u64, u64, 64> = HashMap::new();
+
 /// Per-CPU verdict counters, indexed by `ferrovia_common::counter`. Summed by the agent.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();

@@ -13,7 +13,7 @@ use ferrovia_common::{
 
 use crate::{
     lb::{live_backend, lookup_service, select_backend},
-    maps::{POD_NETNS, POLICY_PODS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
+    maps::{NETNS_PROBE, POD_NETNS, POLICY_PODS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
 };
 
 /// Verdicts of sock_addr programs: 1 lets the call proceed, 0 fails it (with the errno
@@ -49,6 +49,10 @@ pub enum Refusal {
 pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if hook == Hook::Connect && netns_probe(ctx, sa.user_ip4, sa.user_port) {
+        // The agent's probe: refused, so it goes nowhere (a UDP connect sends nothing anyway).
+        return DENY;
+    }
     let proto = sa.protocol as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP || (proto == PROTO_UDP && hook == Hook::Connect) {
         return ALLOW;
@@ -136,6 +140,31 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     sa.user_port = u32::from(backend.port);
     count(counter::SOCK_XLATE);
     ALLOW
+}
+
+/// Whether this connect is one of the agent's network-namespace probes (a connect to an
+/// address in 0.0.0.0/8, which no packet can be sent to, whose address and port the agent
+/// registered in `NETNS_PROBE`): if so, records the caller's namespace cookie there. This is
+/// how the agent learns a pod's cookie where the kernel does not tell user space
+/// (`SO_NETNS_COOKIE` is Linux 5.14+; `bpf_get_netns_cookie` here is 5.7+). Costs nothing
+/// for other connects but a byte comparison.
+#[inline(always)]
+fn netns_probe(ctx: &SockAddrContext, addr: u32, port: u32) -> bool {
+    // Network byte order: the first octet is the lowest byte in memory.
+    if addr.to_ne_bytes()[0] != 0 {
+        return false;
+    }
+    let nonce = (u64::from(addr) << 32) | u64::from(port);
+    let Some(slot) = NETNS_PROBE.get_ptr_mut(&nonce) else {
+        return false;
+    };
+    // SAFETY: helper valid for sock_addr programs (5.7+); the slot is a live map value.
+    unsafe {
+        if *slot == 0 {
+            *slot = bpf_get_netns_cookie(ctx.as_ptr());
+        }
+    }
+    true
 }
 
 /// Whether the caller is a pod that policy isolates and `backend` is the pod itself. Such a
