@@ -6,8 +6,12 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    sync::{Arc, OnceLock},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock},
 };
+
+use ferrovia_common::{DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PodStats, verdict};
 
 use axum::{
     Router,
@@ -18,7 +22,7 @@ use axum::{
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, text::encode},
+    encoding::{DescriptorEncoder, NoLabelSet, text::encode},
     metrics::{MetricType, info::Info},
     registry::Registry,
 };
@@ -31,6 +35,20 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 pub trait MetricsSource: Send + Sync + 'static {
     /// What runs degraded on this kernel, one line each: `hook: what and why`.
     fn degraded(&self) -> Vec<String>;
+
+    /// Every registered pod's counters, read from the data path's maps now.
+    fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>>;
+}
+
+/// One pod's counters at a scrape: traffic per direction (`POD_STATS`) and its policy
+/// verdicts (`POLICY_VERDICTS`), summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodMetrics {
+    pub namespace: String,
+    pub pod: String,
+    pub traffic: PodStats,
+    /// (direction `POL_DIR_*`, reason `verdict::*`) → packets.
+    pub verdicts: BTreeMap<(u8, u8), u64>,
 }
 
 /// The agent, once its first full sync is done; unset before.
@@ -40,6 +58,11 @@ type Attached = Arc<OnceLock<Arc<dyn MetricsSource>>>;
 pub struct Endpoint {
     registry: Registry,
     agent: Attached,
+    /// The pods' counters of the scrape in progress, read before encoding (the collector
+    /// encodes synchronously; the agent's state is behind an async lock).
+    pods: Arc<Mutex<Vec<PodMetrics>>>,
+    /// One scrape at a time: each encodes the pods it read.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Default for Endpoint {
@@ -61,10 +84,20 @@ impl Endpoint {
             "The running agent's version",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let pods = Arc::<Mutex<Vec<PodMetrics>>>::default();
         registry.register_collector(Box::new(DatapathCollector {
             agent: Arc::clone(&agent),
         }));
-        Self { registry, agent }
+        registry.register_collector(Box::new(PodCollector {
+            agent: Arc::clone(&agent),
+            pods: Arc::clone(&pods),
+        }));
+        Self {
+            registry,
+            agent,
+            pods,
+            scrape: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Attaches the agent after its first full sync: from now on `/readyz` answers 200 and
@@ -80,7 +113,16 @@ impl Endpoint {
     }
 
     /// The `OpenMetrics` text of a scrape, `# EOF` included.
-    pub fn render(&self) -> Result<String, fmt::Error> {
+    pub async fn render(&self) -> Result<String, fmt::Error> {
+        let _one_at_a_time = self.scrape.lock().await;
+        let pods = match self.agent.get() {
+            Some(agent) => agent.pods().await,
+            None => Vec::new(),
+        };
+        *self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
@@ -106,7 +148,7 @@ pub async fn serve(
 }
 
 async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
-    if let Ok(text) = endpoint.render() {
+    if let Ok(text) = endpoint.render().await {
         ([(CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response()
     } else {
         // Only a collector can fail (writing into a String cannot).
@@ -178,6 +220,165 @@ impl Collector for DatapathCollector {
     }
 }
 
+/// The per-pod families, from the counters read at the start of the scrape. Only pods
+/// registered now have series: a deleted pod's disappear with it.
+struct PodCollector {
+    agent: Attached,
+    pods: Arc<Mutex<Vec<PodMetrics>>>,
+}
+
+impl fmt::Debug for PodCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PodCollector").finish_non_exhaustive()
+    }
+}
+
+/// One direction's counter of a pod (a `DirStats` field).
+type Field = fn(&DirStats) -> u64;
+
+/// A per-pod counter family: its series per pod and direction, one per value of `label`
+/// (none: a single series).
+struct PodFamily {
+    name: &'static str,
+    help: &'static str,
+    label: Option<&'static str>,
+    series: &'static [(&'static str, Field)],
+}
+
+const POD_FAMILIES: [PodFamily; 5] = [
+    PodFamily {
+        name: "pod_packets",
+        help: "Packets to (ingress) and from (egress) the pod, dropped ones included.",
+        label: None,
+        series: &[("", |d| d.packets)],
+    },
+    PodFamily {
+        name: "pod_bytes",
+        help: "Bytes (Ethernet frames) to and from the pod, dropped ones included.",
+        label: None,
+        series: &[("", |d| d.bytes)],
+    },
+    PodFamily {
+        name: "pod_malformed_packets",
+        help: "IPv4 packets to or from the pod whose headers did not parse (passed untouched).",
+        label: None,
+        series: &[("", |d| d.malformed)],
+    },
+    PodFamily {
+        name: "pod_connections",
+        help: "New connections to (ingress) and from (egress) the pod: TCP SYNs, and UDP flows \
+               (a datagram of a 4-tuple not seen within the UDP timeout).",
+        label: Some("protocol"),
+        series: &[("tcp", |d| d.conns_tcp), ("udp", |d| d.conns_udp)],
+    },
+    PodFamily {
+        name: "pod_drops",
+        help: "Packets to or from the pod the data path dropped, by reason (no_endpoints: \
+               answered with a TCP reset or ICMP unreachable).",
+        label: Some("reason"),
+        series: &[
+            ("policy_denied", |d| d.drop_policy),
+            ("no_endpoints", |d| d.drop_no_endpoints),
+            ("conntrack_full", |d| d.drop_ct_full),
+            ("translation_error", |d| d.drop_xlate_error),
+        ],
+    },
+];
+
+const DIRECTIONS: [(&str, u8); 2] = [("ingress", POL_DIR_INGRESS), ("egress", POL_DIR_EGRESS)];
+
+fn direction_name(dir: u8) -> &'static str {
+    if dir == POL_DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+fn direction(stats: &PodStats, dir: u8) -> &DirStats {
+    if dir == POL_DIR_INGRESS {
+        &stats.ingress
+    } else {
+        &stats.egress
+    }
+}
+
+impl PodFamily {
+    fn encode(&self, encoder: &mut DescriptorEncoder, pods: &[PodMetrics]) -> fmt::Result {
+        let mut family =
+            encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
+        for p in pods {
+            for (dir_name, dir) in DIRECTIONS {
+                for (value_name, field) in self.series {
+                    let mut labels = vec![
+                        ("namespace", p.namespace.as_str()),
+                        ("pod", p.pod.as_str()),
+                        ("direction", dir_name),
+                    ];
+                    if let Some(label) = self.label {
+                        labels.push((label, value_name));
+                    }
+                    family
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(
+                            &field(direction(&p.traffic, dir)),
+                            None,
+                        )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ferrovia_pod_policy_verdicts`: only verdicts that happened have series.
+fn encode_verdicts(encoder: &mut DescriptorEncoder, pods: &[PodMetrics]) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "pod_policy_verdicts",
+        "NetworkPolicy verdicts on packets to (ingress) and from (egress) the pod, by verdict \
+         and reason; only verdicts that happened have series.",
+        None,
+        MetricType::Counter,
+    )?;
+    for p in pods {
+        for (&(dir, reason), packets) in &p.verdicts {
+            let outcome = if verdict::allows(reason) {
+                "allowed"
+            } else {
+                "denied"
+            };
+            let labels = [
+                ("namespace", p.namespace.as_str()),
+                ("pod", p.pod.as_str()),
+                ("direction", direction_name(dir)),
+                ("verdict", outcome),
+                ("reason", verdict::name(reason)),
+            ];
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(packets, None)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for PodCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // Before the first sync nothing is known: the families are absent, not empty.
+        if self.agent.get().is_none() {
+            return Ok(());
+        }
+        let pods = self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for family in &POD_FAMILIES {
+            family.encode(&mut encoder, &pods)?;
+        }
+        encode_verdicts(&mut encoder, &pods)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -186,11 +387,15 @@ mod tests {
 
     use super::*;
 
-    struct Fake(Vec<&'static str>);
+    struct Fake(Vec<&'static str>, Vec<PodMetrics>);
 
     impl MetricsSource for Fake {
         fn degraded(&self) -> Vec<String> {
             self.0.iter().map(|&s| s.to_owned()).collect()
+        }
+
+        fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>> {
+            Box::pin(std::future::ready(self.1.clone()))
         }
     }
 
@@ -202,49 +407,66 @@ mod tests {
         "\"} 1\n",
     );
 
+    /// The per-pod families without series (no pod registered).
+    const POD_HEADS: &str = "\
+        # HELP ferrovia_pod_packets Packets to (ingress) and from (egress) the pod, dropped ones included.\n\
+        # TYPE ferrovia_pod_packets counter\n\
+        # HELP ferrovia_pod_bytes Bytes (Ethernet frames) to and from the pod, dropped ones included.\n\
+        # TYPE ferrovia_pod_bytes counter\n\
+        # HELP ferrovia_pod_malformed_packets IPv4 packets to or from the pod whose headers did not parse (passed untouched).\n\
+        # TYPE ferrovia_pod_malformed_packets counter\n\
+        # HELP ferrovia_pod_connections New connections to (ingress) and from (egress) the pod: TCP SYNs, and UDP flows (a datagram of a 4-tuple not seen within the UDP timeout).\n\
+        # TYPE ferrovia_pod_connections counter\n\
+        # HELP ferrovia_pod_drops Packets to or from the pod the data path dropped, by reason (no_endpoints: answered with a TCP reset or ICMP unreachable).\n\
+        # TYPE ferrovia_pod_drops counter\n\
+        # HELP ferrovia_pod_policy_verdicts NetworkPolicy verdicts on packets to (ingress) and from (egress) the pod, by verdict and reason; only verdicts that happened have series.\n\
+        # TYPE ferrovia_pod_policy_verdicts counter\n";
+
     const DEGRADED_HEAD: &str = "# HELP ferrovia_datapath_degraded Degradations of the data path \
         on this kernel, by hook or feature (ferrovia status says what and why).\n\
         # TYPE ferrovia_datapath_degraded gauge\n";
 
-    #[test]
-    fn degradations_are_one_series_per_hook() {
+    #[tokio::test]
+    async fn degradations_are_one_series_per_hook() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![
-            "sock4_sendmsg: an unconnected UDP send to a service without endpoints fails with \
+        endpoint.ready(Arc::new(Fake(
+            vec![
+                "sock4_sendmsg: an unconnected UDP send to a service without endpoints fails with \
              EPERM (no bpf_set_retval: Linux 5.18+); verifier said: a: b",
-            "sock4_connect: a call to a service without endpoints fails with EPERM, not \
+                "sock4_connect: a call to a service without endpoints fails with EPERM, not \
              ECONNREFUSED (no bpf_set_retval: Linux 5.18+); verifier said: 10.0.0.1:80",
-        ])));
+            ],
+            vec![],
+        )));
         assert_eq!(
-            endpoint.render().expect("renders"),
+            endpoint.render().await.expect("renders"),
             format!(
                 "{BUILD}{DEGRADED_HEAD}\
                  ferrovia_datapath_degraded{{feature=\"sock4_connect\"}} 1\n\
                  ferrovia_datapath_degraded{{feature=\"sock4_sendmsg\"}} 1\n\
-                 # EOF\n"
+                 {POD_HEADS}# EOF\n"
             )
         );
     }
 
-    #[test]
-    fn a_kernel_without_degradations_exports_the_family_without_series() {
+    #[tokio::test]
+    async fn a_kernel_without_degradations_exports_the_family_without_series() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![])));
+        endpoint.ready(Arc::new(Fake(vec![], vec![])));
         assert_eq!(
-            endpoint.render().expect("renders"),
-            format!("{BUILD}{DEGRADED_HEAD}# EOF\n")
+            endpoint.render().await.expect("renders"),
+            format!("{BUILD}{DEGRADED_HEAD}{POD_HEADS}# EOF\n")
         );
     }
 
-    #[test]
-    fn two_degradations_of_one_hook_share_its_series() {
+    #[tokio::test]
+    async fn two_degradations_of_one_hook_share_its_series() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![
-            "sock4_connect: one",
-            "sock4_connect: two",
-            "odd",
-        ])));
-        let text = endpoint.render().expect("renders");
+        endpoint.ready(Arc::new(Fake(
+            vec!["sock4_connect: one", "sock4_connect: two", "odd"],
+            vec![],
+        )));
+        let text = endpoint.render().await.expect("renders");
         assert!(
             text.contains("ferrovia_datapath_degraded{feature=\"sock4_connect\"} 2\n"),
             "{text}"
@@ -255,10 +477,69 @@ mod tests {
         );
     }
 
-    #[test]
-    fn before_the_first_sync_only_the_build_is_known() {
+    #[tokio::test]
+    async fn pod_counters_are_series_per_pod_direction_and_reason() {
+        let mut traffic = PodStats::default();
+        traffic.ingress.packets = 7;
+        traffic.ingress.drop_policy = 2;
+        traffic.egress.bytes = 480;
+        traffic.egress.conns_udp = 3;
+        let pod = PodMetrics {
+            namespace: "shop".into(),
+            pod: "server".into(),
+            traffic,
+            verdicts: [
+                ((POL_DIR_INGRESS, verdict::DENY_NO_RULE), 2),
+                ((POL_DIR_INGRESS, verdict::ALLOW_RULE), 5),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(Fake(vec![], vec![pod])));
+        let text = endpoint.render().await.expect("renders");
+        let labels = |dir: &str| format!("namespace=\"shop\",pod=\"server\",direction=\"{dir}\"");
+        for line in [
+            "# TYPE ferrovia_pod_packets counter".to_owned(),
+            format!("ferrovia_pod_packets_total{{{}}} 7", labels("ingress")),
+            format!("ferrovia_pod_packets_total{{{}}} 0", labels("egress")),
+            format!("ferrovia_pod_bytes_total{{{}}} 480", labels("egress")),
+            format!(
+                "ferrovia_pod_connections_total{{{},protocol=\"udp\"}} 3",
+                labels("egress")
+            ),
+            format!(
+                "ferrovia_pod_drops_total{{{},reason=\"policy_denied\"}} 2",
+                labels("ingress")
+            ),
+            format!(
+                "ferrovia_pod_drops_total{{{},reason=\"conntrack_full\"}} 0",
+                labels("ingress")
+            ),
+            format!(
+                "ferrovia_pod_policy_verdicts_total{{{},verdict=\"denied\",reason=\"denied-by-default\"}} 2",
+                labels("ingress")
+            ),
+            format!(
+                "ferrovia_pod_policy_verdicts_total{{{},verdict=\"allowed\",reason=\"allowed-by-rule\"}} 5",
+                labels("ingress")
+            ),
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line}\n---\n{text}");
+        }
+        // 2 directions × (packets, bytes, malformed) + 2 × 2 protocols + 2 × 4 reasons + 2
+        // verdicts: every series of the pod, none of another.
         assert_eq!(
-            Endpoint::new().render().expect("renders"),
+            text.matches("pod=\"server\"").count(),
+            6 + 4 + 8 + 2,
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn before_the_first_sync_only_the_build_is_known() {
+        assert_eq!(
+            Endpoint::new().render().await.expect("renders"),
             format!("{BUILD}# EOF\n")
         );
     }
@@ -293,7 +574,7 @@ mod tests {
             get(&endpoint, "/readyz").await.0,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        endpoint.ready(Arc::new(Fake(vec![])));
+        endpoint.ready(Arc::new(Fake(vec![], vec![])));
         assert_eq!(get(&endpoint, "/readyz").await.0, StatusCode::OK);
         let (status, content_type, body) = get(&endpoint, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    future::Future,
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
@@ -20,6 +21,8 @@ use crate::{
     datapath::{AttachedInterface, Datapath},
     model::{self, ClusterState, ObjRef, PodIps},
 };
+
+mod inventory;
 
 /// A registered pod as persisted: what the CNI plugin said, and how we attached.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,6 +93,11 @@ impl Node {
                     tracing::warn!(ifname = %pod.iface.ifname, "re-attaching a known pod failed: {e:#}");
                 }
             }
+        }
+        let attached = pods.values().map(|p| p.iface.ifindex).collect();
+        let gone = datapath.retain_pod_stats(&attached);
+        if gone > 0 {
+            tracing::info!(gone, "forgot the counters of pods gone since the last run");
         }
         let node = Self {
             name,
@@ -279,6 +287,53 @@ impl crate::metrics::MetricsSource for Node {
     fn degraded(&self) -> Vec<String> {
         self.degraded.clone()
     }
+
+    fn pods(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<crate::metrics::PodMetrics>> + Send + '_>> {
+        Box::pin(async move {
+            let inner = self.inner.lock().await;
+            pod_metrics(&inner)
+        })
+    }
+}
+
+/// Every registered pod's counters from the data path's maps (one walk of each map). A pod
+/// whose counters cannot be read is exported with what could be (logged): a scrape never
+/// fails as a whole for one map.
+fn pod_metrics(inner: &Inner) -> Vec<crate::metrics::PodMetrics> {
+    let traffic = inner.datapath.pod_stats().unwrap_or_else(|e| {
+        tracing::warn!("reading POD_STATS: {e:#}");
+        BTreeMap::new()
+    });
+    let mut verdicts = BTreeMap::<std::net::IpAddr, BTreeMap<(u8, u8), u64>>::new();
+    match inner.datapath.policy_verdicts() {
+        Ok(all) => {
+            for ((addr, dir, reason), (packets, _)) in all {
+                verdicts
+                    .entry(addr.into())
+                    .or_default()
+                    .insert((dir, reason), packets);
+            }
+        }
+        Err(e) => tracing::warn!("reading POLICY_VERDICTS: {e:#}"),
+    }
+    inner
+        .pods
+        .values()
+        .map(|p| crate::metrics::PodMetrics {
+            namespace: p.namespace.clone(),
+            pod: p.name.clone(),
+            traffic: traffic.get(&p.iface.ifindex).copied().unwrap_or_default(),
+            verdicts: p
+                .ips
+                .iter()
+                .filter_map(|ip| verdicts.get(ip))
+                .flatten()
+                .map(|(&k, &v)| (k, v))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Records `pod`'s network-namespace cookie for the socket hooks, which tell a policed pod

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use ferrovia_agent::model::policy::{
     DirectionRules, PeerEntry, PolicyClass, PolicyDesired, PortSet, Prefix,
 };
-use ferrovia_common::{POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP, ServiceKey, verdict};
+use ferrovia_common::{
+    DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP, PodStats, ServiceKey, verdict,
+};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_REDIRECT: i32 = 7;
@@ -1914,6 +1916,177 @@ fn a_pods_flows_are_forgotten_when_it_leaves() {
         TC_ACT_SHOT,
         "the same packet from a new pod at that address is not a reply"
     );
+}
+
+/// Gives loopback (the interface `BPF_PROG_TEST_RUN` runs packets on) a `POD_STATS` entry, as
+/// the agent does for a pod's interface at attach.
+fn count_loopback(t: &Loaded) {
+    let data = aya::maps::MapData::from_pin(t.root.join("POD_STATS")).expect("pinned POD_STATS");
+    let mut map: aya::maps::PerCpuHashMap<_, u32, PodStats> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let zeros = aya::maps::PerCpuValues::try_from(vec![PodStats::default(); cpus]).unwrap();
+    map.insert(1, zeros, 0).unwrap();
+}
+
+fn loopback_stats(t: &Loaded) -> PodStats {
+    t.dp.as_ref().unwrap().pod_stats().unwrap()[&1]
+}
+
+/// The per-pod counters: packets and bytes (frames, dropped ones included), new TCP
+/// connections (SYN), new UDP flows (first datagram of a 4-tuple in either orientation, not a
+/// translated reply), drops by reason, malformed packets; nothing counted for an interface
+/// without an entry, and traffic never creates one.
+/// A packet for the pod counters' test: intent, program, packet, verdict, and what it adds to
+/// its direction's counters besides one packet and its bytes.
+type StatsCase = (&'static str, &'static str, Vec<u8>, i32, fn(&mut DirStats));
+
+/// Runs `cases` in order, checking both directions' counters after each.
+fn check_stats(t: &Loaded, cases: &[StatsCase], expected: &mut PodStats) {
+    for (intent, prog, packet, verdict, effect) in cases {
+        assert_eq!(run(t, prog, packet).0, *verdict, "{intent}: verdict");
+        let d = if *prog == "from_pod" {
+            &mut expected.egress
+        } else {
+            &mut expected.ingress
+        };
+        d.packets += 1;
+        d.bytes += packet.len() as u64;
+        effect(d);
+        assert_eq!(loopback_stats(t), *expected, "{intent}");
+    }
+}
+
+/// Traffic of a pod no policy isolates, and what each packet adds.
+fn open_stats_cases() -> Vec<StatsCase> {
+    let syn = tcp(CLIENT, 40000, OTHER, 80, true, b"");
+    let mut bad = syn.clone();
+    bad[14] = 0x44;
+    let mut arp = syn.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let query = udp(CLIENT, 40000, OTHER, 53, b"q");
+    let (out, into) = ("from_pod", "to_pod");
+    vec![
+        ("a SYN: a new connection", out, syn, TC_ACT_OK, |d| {
+            d.conns_tcp += 1;
+        }),
+        (
+            "its ACK: none",
+            out,
+            tcp(CLIENT, 40000, OTHER, 80, false, b"x"),
+            TC_ACT_OK,
+            |_| {},
+        ),
+        (
+            "a SYN in",
+            into,
+            tcp(OTHER, 9000, CLIENT, 40001, true, b""),
+            TC_ACT_OK,
+            |d| d.conns_tcp += 1,
+        ),
+        (
+            "a UDP flow's first datagram",
+            out,
+            query.clone(),
+            TC_ACT_OK,
+            |d| d.conns_udp += 1,
+        ),
+        ("its second", out, query, TC_ACT_OK, |_| {}),
+        (
+            "its reply",
+            into,
+            udp(OTHER, 53, CLIENT, 40000, b"a"),
+            TC_ACT_OK,
+            |_| {},
+        ),
+        (
+            "a UDP flow in",
+            into,
+            udp(OTHER, 5000, CLIENT, 6000, b"in"),
+            TC_ACT_OK,
+            |d| d.conns_udp += 1,
+        ),
+        (
+            "its reply",
+            out,
+            udp(CLIENT, 6000, OTHER, 5000, b"back"),
+            TC_ACT_OK,
+            |_| {},
+        ),
+        (
+            "to a VIP: one flow out",
+            out,
+            udp(CLIENT, 41000, VIP, 53, b"q"),
+            TC_ACT_OK,
+            |d| d.conns_udp += 1,
+        ),
+        (
+            "the backend's reply (reverse NAT): no flow in",
+            into,
+            udp(BACKEND, 5353, CLIENT, 41000, b"a"),
+            TC_ACT_OK,
+            |_| {},
+        ),
+        (
+            "no endpoints: answered, dropped",
+            out,
+            tcp(CLIENT, 42000, DEAD_VIP, 80, true, b""),
+            TC_ACT_REDIRECT,
+            |d| d.drop_no_endpoints += 1,
+        ),
+        ("malformed: passed, counted", out, bad, TC_ACT_OK, |d| {
+            d.malformed += 1;
+        }),
+        ("not IP: traffic only", into, arp, TC_ACT_OK, |_| {}),
+    ]
+}
+
+/// Traffic the client's egress policy denies.
+fn denied_stats_cases() -> Vec<StatsCase> {
+    vec![
+        (
+            "denied UDP",
+            "from_pod",
+            udp(CLIENT, 43000, OTHER, 53, b"q"),
+            TC_ACT_SHOT,
+            |d| d.drop_policy += 1,
+        ),
+        (
+            "a denied SYN: no connection",
+            "from_pod",
+            tcp(CLIENT, 43001, OTHER, 80, true, b""),
+            TC_ACT_SHOT,
+            |d| d.drop_policy += 1,
+        ),
+    ]
+}
+
+#[test]
+fn pod_counters_count_packets_bytes_new_flows_and_drops_by_reason() {
+    let mut t = load("pod-stats");
+    let syn = tcp(CLIENT, 40000, OTHER, 80, true, b"");
+    assert_eq!(run(&t, "from_pod", &syn).0, TC_ACT_OK);
+    assert!(
+        t.dp.as_ref().unwrap().pod_stats().unwrap().is_empty(),
+        "traffic creates no entry"
+    );
+    count_loopback(&t);
+    let mut expected = PodStats::default();
+    check_stats(&t, &open_stats_cases(), &mut expected);
+    sync_policy(&mut t, &client_egress_to_other(false));
+    check_stats(&t, &denied_stats_cases(), &mut expected);
+
+    // Removed: nothing counted any more.
+    let data = aya::maps::MapData::from_pin(t.root.join("POD_STATS")).unwrap();
+    let mut map: aya::maps::PerCpuHashMap<_, u32, PodStats> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+    map.remove(&1).unwrap();
+    assert_eq!(
+        run(&t, "from_pod", &syn).0,
+        TC_ACT_SHOT,
+        "denied by the policy above"
+    );
+    assert!(t.dp.as_ref().unwrap().pod_stats().unwrap().is_empty());
 }
 
 /// Test-owned objects for the network-namespace probe: cgroups and named namespaces, removed

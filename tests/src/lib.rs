@@ -19,6 +19,7 @@
 //! ```
 
 pub mod agent;
+pub mod cli;
 pub mod cmd;
 pub mod cni;
 pub mod node;

@@ -39,7 +39,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MORE: usize = 20;
 
 /// The maps the agent pins (agent/src/datapath/mod.rs `MAP_NAMES`).
-const MAP_NAMES: [&str; 16] = [
+const MAP_NAMES: [&str; 18] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -56,6 +56,8 @@ const MAP_NAMES: [&str; 16] = [
     "POD_NETNS",
     "POLICY_FRAGS",
     "NETNS_PROBE",
+    "POD_STATS",
+    "UDP_FLOWS",
 ];
 
 fn vip() -> SocketAddr {
@@ -1257,6 +1259,32 @@ fn maps_are_btf_typed_and_readable_with_bpftool_tc() {
 
     let backend_of = |id: u64| ipv4(&backends[&id]["addr"]);
     assert_conntrack_readable(&c.node, c.client.ip, local, backend, &ids, backend_of);
+
+    // POD_STATS: an entry per pod interface (client, a, b), per CPU both directions' named
+    // counters.
+    let stats = dump(&c.node, "POD_STATS");
+    assert_eq!(stats.len(), 3, "{stats:?}");
+    let value = &stats[0]["values"][0]["value"];
+    assert_eq!(
+        field_names(value),
+        fields(&["ingress", "egress"]),
+        "{value}"
+    );
+    assert_eq!(
+        field_names(&value["egress"]),
+        fields(&[
+            "packets",
+            "bytes",
+            "conns_tcp",
+            "conns_udp",
+            "malformed",
+            "drop_policy",
+            "drop_no_endpoints",
+            "drop_ct_full",
+            "drop_xlate_error"
+        ]),
+        "{value}"
+    );
 }
 
 /// CONNTRACK as bpftool shows it: the OUT entry of the connection `local` → VIP translates to

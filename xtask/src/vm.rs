@@ -127,6 +127,10 @@ const SUITES: &[Suite] = &[
         name: "harness",
         prepare: |root| e2e_suite(root, "harness"),
     },
+    Suite {
+        name: "metrics",
+        prepare: |root| e2e_suite(root, "metrics"),
+    },
 ];
 
 /// QEMU from bookworm-backports: bookworm's own conflicts with the installed qemu-utils.

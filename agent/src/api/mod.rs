@@ -2,16 +2,24 @@
 //!
 //! - [`registry`]: what the API asks of the agent — the [`PodRegistry`] trait the datapath
 //!   implements, and the plain types it receives and returns.
-//! - [`server`]: [`serve`] puts a [`PodRegistry`] behind the socket.
+//! - [`inventory`]: the operator's read-only views — the [`Inventory`] trait and its types.
+//! - [`render`]: those views as the CLI prints them: JSON and tables.
+//! - [`server`]: [`serve`] puts a [`PodRegistry`] and [`Inventory`] behind the socket.
 //! - [`client`]: [`connect`] dials the socket (the CNI plugin, the CLI).
 //!
 //! The socket is the only way in: mode 0600, owned by root, so there is no authentication
 //! beyond file permissions.
 pub mod client;
+pub mod inventory;
 pub mod registry;
+pub mod render;
 pub mod server;
 
 pub use client::{ConnectError, connect};
+pub use inventory::{
+    FrontendType, Inventory, MapList, PodState, PolicyList, PolicyState, PortEndpoints,
+    ServiceFrontend, ServiceList,
+};
 pub use registry::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState};
 pub use server::serve;
 

@@ -212,6 +212,6 @@ impl From<v1::StatusResponse> for AgentStatus {
     }
 }
 
-fn saturating_u32(n: usize) -> u32 {
+pub(super) fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }

@@ -12,14 +12,16 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use super::inventory::Inventory;
 use super::registry::{PodRegistration, PodRegistry};
 
-/// Serves the agent API for `registry` on the unix socket `socket` until `shutdown` resolves.
+/// Serves the agent API for `registry` (pods and the operator's read-only views) on the unix
+/// socket `socket` until `shutdown` resolves.
 ///
 /// Creates the socket's directory (mode 0700) when missing, replaces a stale socket left by
 /// a previous agent, refuses to start when another agent still answers on it, and makes the
 /// socket 0600. The socket file is removed when serving ends, however it ends.
-pub async fn serve<R: PodRegistry>(
+pub async fn serve<R: PodRegistry + Inventory>(
     socket: &Path,
     registry: Arc<R>,
     shutdown: impl Future<Output = ()> + Send,
@@ -93,7 +95,7 @@ struct AgentService<R> {
 }
 
 #[tonic::async_trait]
-impl<R: PodRegistry> Agent for AgentService<R> {
+impl<R: PodRegistry + Inventory> Agent for AgentService<R> {
     async fn register_pod(
         &self,
         request: Request<v1::RegisterPodRequest>,
@@ -144,6 +146,47 @@ impl<R: PodRegistry> Agent for AgentService<R> {
     ) -> Result<Response<v1::SyncResponse>, Status> {
         let errors = self.registry.sync().await?;
         Ok(Response::new(v1::SyncResponse { errors }))
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        Ok(Response::new(self.registry.services().await.into()))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _request: Request<v1::ListEndpointsRequest>,
+    ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
+        let ports = self.registry.endpoints().await;
+        Ok(Response::new(v1::ListEndpointsResponse {
+            service_ports: ports.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        _request: Request<v1::ListPoliciesRequest>,
+    ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        Ok(Response::new(self.registry.policies().await.into()))
+    }
+
+    async fn list_pods(
+        &self,
+        _request: Request<v1::ListPodsRequest>,
+    ) -> Result<Response<v1::ListPodsResponse>, Status> {
+        let pods = self.registry.pods().await;
+        Ok(Response::new(v1::ListPodsResponse {
+            pods: pods.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_maps(
+        &self,
+        _request: Request<v1::GetMapsRequest>,
+    ) -> Result<Response<v1::GetMapsResponse>, Status> {
+        Ok(Response::new(self.registry.maps().await?.into()))
     }
 }
 

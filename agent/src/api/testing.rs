@@ -6,7 +6,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::inventory::{
+    FrontendType, Inventory, MapList, PodState, PolicyList, PolicyState, PortEndpoints,
+    ServiceFrontend, ServiceList,
+};
 use super::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState};
+use crate::datapath::TcMode;
+use crate::datapath::inventory::{MapStats, PinnedMap};
+use crate::model::endpoints::Endpoint;
+use crate::model::{FrontendKey, ObjRef, Protocol, Skipped};
 
 /// Keeps registrations in a map; a pod whose `name` is `"unattached"` registers but fails
 /// `check`, to exercise `NotReady`.
@@ -64,6 +72,111 @@ impl PodRegistry for TestRegistry {
             ],
             degraded: vec!["sock4_connect: an example degradation".into()],
         }
+    }
+}
+
+/// One of each kind of answer, fixed; the pods are the registered ones, isolated for ingress.
+impl Inventory for TestRegistry {
+    async fn services(&self) -> ServiceList {
+        ServiceList {
+            frontends: vec![ServiceFrontend {
+                key: FrontendKey {
+                    vip: [10, 96, 0, 10].into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                service: ObjRef::new("default", "web"),
+                port_name: "http".into(),
+                kind: FrontendType::ClusterIp,
+                affinity_timeout_s: Some(60),
+                backends: 2,
+            }],
+            skipped: vec![Skipped {
+                service: ObjRef::new("default", "headless-ish"),
+                port_name: None,
+                reason: "no spec.clusterIP".into(),
+            }],
+        }
+    }
+
+    async fn endpoints(&self) -> Vec<PortEndpoints> {
+        let endpoint = |addr: &str, ready, terminating| Endpoint {
+            addr: addr.parse().unwrap(),
+            ready,
+            serving: true,
+            terminating,
+        };
+        vec![PortEndpoints {
+            service: ObjRef::new("default", "web"),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+            endpoints: vec![
+                (endpoint("10.250.0.2:9376", true, false), true),
+                (endpoint("10.250.0.3:9376", false, true), false),
+            ],
+        }]
+    }
+
+    async fn policies(&self) -> PolicyList {
+        PolicyList {
+            policies: vec![PolicyState {
+                policy: ObjRef::new("default", "web-in"),
+                types: vec!["Ingress".into()],
+                selected_pods: vec!["web-0".into()],
+                ingress_rules: 1,
+                egress_rules: 0,
+                errors: vec![],
+            }],
+            rejected: vec![
+                "policies.yaml: document 2: NetworkPolicy default/bad: spec: an example".into(),
+            ],
+        }
+    }
+
+    async fn pods(&self) -> Vec<PodState> {
+        let mut pods: Vec<PodState> = self
+            .pods
+            .lock()
+            .unwrap()
+            .values()
+            .map(|pod| PodState {
+                pod: pod.clone(),
+                from_pod: TcMode::Tcx,
+                to_pod: TcMode::Netlink {
+                    priority: 1,
+                    handle: 7,
+                },
+                ingress_isolated: true,
+                egress_isolated: false,
+            })
+            .collect();
+        pods.sort_by(|a, b| a.pod.container_id.cmp(&b.pod.container_id));
+        pods
+    }
+
+    async fn maps(&self) -> Result<MapList, ApiError> {
+        Ok(MapList {
+            bpffs_root: "/sys/fs/bpf/test".into(),
+            maps: vec![
+                PinnedMap {
+                    name: "SERVICES",
+                    pin: "/sys/fs/bpf/test/SERVICES".into(),
+                    stats: Ok(MapStats {
+                        id: 42,
+                        kind: "hash".into(),
+                        key_size: 24,
+                        value_size: 12,
+                        max_entries: 1024,
+                        entries: 256,
+                    }),
+                },
+                PinnedMap {
+                    name: "BACKENDS",
+                    pin: "/sys/fs/bpf/test/BACKENDS".into(),
+                    stats: Err("not pinned".into()),
+                },
+            ],
+        })
     }
 }
 

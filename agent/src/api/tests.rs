@@ -216,3 +216,110 @@ async fn refuses_to_remove_a_non_socket() {
     assert!(err.to_string().contains("not a socket"), "{err:#}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
 }
+
+/// The read-only views over the socket: each plain answer of the registry arrives as the
+/// messages the CLI prints.
+#[test_log::test(tokio::test)]
+async fn read_only_views_round_trip() {
+    let server = TestServer::start().await;
+    let mut client = connect(&server.socket).await.expect("connect");
+    client
+        .register_pod(register_request("c1", "web-0"))
+        .await
+        .expect("register");
+
+    let services = client
+        .list_services(v1::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        services.frontends,
+        [v1::ServiceFrontend {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            r#type: "ClusterIP".into(),
+            address: "10.96.0.10".into(),
+            port: 80,
+            protocol: "TCP".into(),
+            session_affinity: "ClientIP".into(),
+            affinity_timeout_seconds: 60,
+            backends: 2,
+        }]
+    );
+    assert_eq!(services.skipped[0].port_name, "", "a whole service skipped");
+
+    let endpoints = client
+        .list_endpoints(v1::ListEndpointsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let port = &endpoints.service_ports[0];
+    assert_eq!(
+        (port.port_name.as_str(), port.protocol.as_str()),
+        ("http", "TCP")
+    );
+    let terminating = &port.endpoints[1];
+    assert_eq!(
+        (
+            terminating.address.as_str(),
+            terminating.port,
+            terminating.ready,
+            terminating.serving,
+            terminating.terminating,
+            terminating.selected
+        ),
+        ("10.250.0.3", 9376, false, true, true, false)
+    );
+
+    let policies = client
+        .list_policies(v1::ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policies.policies[0].selected_pods, ["web-0"]);
+    assert_eq!(policies.policies[0].ingress_rules, 1);
+    assert_eq!(policies.rejected.len(), 1);
+
+    let pods = client
+        .list_pods(v1::ListPodsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pods;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].ips, ["10.250.0.2", "fd00::2"]);
+    assert_eq!(pods[0].host_ifname, "veth0a1b2c3d");
+    assert_eq!(pods[0].from_pod.as_ref().unwrap().mode, "tcx");
+    assert_eq!(
+        pods[0].to_pod,
+        Some(v1::TcAttachment {
+            mode: "cls_bpf".into(),
+            priority: 1,
+            handle: 7
+        })
+    );
+    assert!(pods[0].ingress_isolated && !pods[0].egress_isolated);
+
+    let maps = client
+        .get_maps(v1::GetMapsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(maps.bpffs_root, "/sys/fs/bpf/test");
+    let (services_map, backends_map) = (&maps.maps[0], &maps.maps[1]);
+    assert_eq!(
+        (
+            services_map.r#type.as_str(),
+            services_map.max_entries,
+            services_map.entries,
+            services_map.error.as_str()
+        ),
+        ("hash", 1024, 256, "")
+    );
+    assert!((services_map.fill - 0.25).abs() < f64::EPSILON);
+    assert_eq!(backends_map.error, "not pinned");
+
+    server.stop().await.unwrap();
+}

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ferrovia_agent::api::{self, AgentStatus};
-use ferrovia_proto::v1;
+use ferrovia_agent::api::{self, AgentStatus, render};
+use ferrovia_proto::{AgentClient, v1};
+use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "ferrovia's operator CLI")]
@@ -33,6 +34,24 @@ enum Command {
     /// Makes the agent re-read its desired state now; prints what the source rejects.
     /// Exits 0 once the maps reflect the state, rejections or not.
     Sync,
+    /// The read-only views.
+    #[command(flatten)]
+    View(View),
+}
+
+/// What the agent serves and holds, as tables or `-o json` (field names: `ferrovia.proto`).
+#[derive(Subcommand, Debug)]
+enum View {
+    /// Every service frontend the data path serves: address, port, type, affinity, backends.
+    Services,
+    /// Per service port, its endpoints with their conditions and whether each is a backend.
+    Endpoints,
+    /// The network policies in force, the pods of this node each selects, and rejections.
+    Policies,
+    /// The pods registered on this node: addresses, interfaces, attachments, isolation.
+    Pods,
+    /// Every pinned map: type, key and value sizes, capacity, entries, fill.
+    Maps,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -40,72 +59,119 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut client = api::connect(&args.socket).await?;
     match args.command {
-        Command::Status => {
-            let resp = client
-                .status(v1::StatusRequest {})
-                .await
-                .context("Status")?
-                .into_inner();
-            let version = resp.agent_version.clone();
-            let status = AgentStatus::from(resp);
+        Command::Status => status(&mut client, args.output).await,
+        Command::Sync => sync(&mut client, args.output).await,
+        Command::View(view) => {
+            let (json, table) = read_view(&mut client, view).await?;
             match args.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({
-                        "node": status.node_name,
-                        "agent_version": version,
-                        "pods": status.pods,
-                        "frontends": status.frontends,
-                        "socket_lb": status.socket_lb,
-                        "programs": status.programs.iter().map(|p| serde_json::json!({
-                            "name": p.name, "attach_point": p.attach_point,
-                        })).collect::<Vec<_>>(),
-                        "degraded": status.degraded,
-                    })
-                ),
-                Output::Table => {
-                    println!("node:       {}", status.node_name);
-                    println!("version:    {version}");
-                    println!("pods:       {}", status.pods);
-                    println!("frontends:  {}", status.frontends);
-                    println!("socket LB:  {}", status.socket_lb);
-                    for d in &status.degraded {
-                        println!("degraded:   {d}");
-                    }
-                    for p in &status.programs {
-                        println!(
-                            "program     {:<14} {}",
-                            p.name,
-                            p.attach_point.as_deref().unwrap_or("(detached)")
-                        );
-                    }
-                }
+                Output::Json => println!("{json}"),
+                Output::Table => print!("{table}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn status(client: &mut AgentClient<Channel>, output: Output) -> Result<()> {
+    let resp = client
+        .status(v1::StatusRequest {})
+        .await
+        .context("Status")?
+        .into_inner();
+    let version = resp.agent_version.clone();
+    let status = AgentStatus::from(resp);
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "node": status.node_name,
+                "agent_version": version,
+                "pods": status.pods,
+                "frontends": status.frontends,
+                "socket_lb": status.socket_lb,
+                "programs": status.programs.iter().map(|p| serde_json::json!({
+                    "name": p.name, "attach_point": p.attach_point,
+                })).collect::<Vec<_>>(),
+                "degraded": status.degraded,
+            })
+        ),
+        Output::Table => {
+            println!("node:       {}", status.node_name);
+            println!("version:    {version}");
+            println!("pods:       {}", status.pods);
+            println!("frontends:  {}", status.frontends);
+            println!("socket LB:  {}", status.socket_lb);
+            for d in &status.degraded {
+                println!("degraded:   {d}");
+            }
+            for p in &status.programs {
+                println!(
+                    "program     {:<14} {}",
+                    p.name,
+                    p.attach_point.as_deref().unwrap_or("(detached)")
+                );
             }
         }
-        Command::Sync => {
-            let errors = client
-                .sync(v1::SyncRequest {})
-                .await
-                .context("Sync")?
-                .into_inner()
-                .errors;
-            match args.output {
-                Output::Json => println!("{}", serde_json::json!({ "errors": errors })),
-                Output::Table => {
-                    if errors.is_empty() {
-                        println!("synced; nothing rejected");
-                    } else {
-                        println!(
-                            "synced; {} rejected (last valid versions in force):",
-                            errors.len()
-                        );
-                        for e in &errors {
-                            println!("  {e}");
-                        }
-                    }
+    }
+    Ok(())
+}
+
+async fn sync(client: &mut AgentClient<Channel>, output: Output) -> Result<()> {
+    let errors = client
+        .sync(v1::SyncRequest {})
+        .await
+        .context("Sync")?
+        .into_inner()
+        .errors;
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "errors": errors })),
+        Output::Table => {
+            if errors.is_empty() {
+                println!("synced; nothing rejected");
+            } else {
+                println!(
+                    "synced; {} rejected (last valid versions in force):",
+                    errors.len()
+                );
+                for e in &errors {
+                    println!("  {e}");
                 }
             }
         }
     }
     Ok(())
+}
+
+/// One of the read-only views, rendered both ways: (JSON, table).
+async fn read_view(
+    client: &mut AgentClient<Channel>,
+    view: View,
+) -> Result<(serde_json::Value, String)> {
+    Ok(match view {
+        View::Services => {
+            let r = client.list_services(v1::ListServicesRequest {});
+            let r = r.await.context("ListServices")?.into_inner();
+            (render::services_json(&r), render::services_table(&r))
+        }
+        View::Endpoints => {
+            let r = client.list_endpoints(v1::ListEndpointsRequest {});
+            let r = r.await.context("ListEndpoints")?.into_inner();
+            (render::endpoints_json(&r), render::endpoints_table(&r))
+        }
+        View::Policies => {
+            let r = client.list_policies(v1::ListPoliciesRequest {});
+            let r = r.await.context("ListPolicies")?.into_inner();
+            (render::policies_json(&r), render::policies_table(&r))
+        }
+        View::Pods => {
+            let r = client.list_pods(v1::ListPodsRequest {});
+            let r = r.await.context("ListPods")?.into_inner();
+            (render::pods_json(&r), render::pods_table(&r))
+        }
+        View::Maps => {
+            let r = client.get_maps(v1::GetMapsRequest {});
+            let r = r.await.context("GetMaps")?.into_inner();
+            (render::maps_json(&r), render::maps_table(&r))
+        }
+    })
 }

@@ -3,9 +3,11 @@
 //! about Kubernetes semantics (that is the model's job).
 pub mod addr;
 pub mod attach;
+pub mod inventory;
 pub mod netns;
 pub mod policy;
 pub mod services;
+pub mod stats;
 pub mod verifier;
 
 use std::{
@@ -36,7 +38,7 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 16] = [
+pub const MAP_NAMES: [&str; 18] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -53,6 +55,8 @@ pub const MAP_NAMES: [&str; 16] = [
     "POD_NETNS",
     "POLICY_FRAGS",
     "NETNS_PROBE",
+    "POD_STATS",
+    "UDP_FLOWS",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -113,6 +117,9 @@ pub struct DatapathConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AttachedInterface {
     pub ifname: String,
+    /// Its index (the key of the pod's `POD_STATS` entry); 0 in records of older versions.
+    #[serde(default)]
+    pub ifindex: u32,
     pub ingress: TcMode,
     pub egress: TcMode,
 }
@@ -129,6 +136,7 @@ pub struct Datapath {
     sockopt_cookies: bool,
     policy_ct: HashMap<aya::maps::MapData, ferrovia_common::CtKey, ferrovia_common::PolicyCtValue>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
+    pod_stats: stats::PodStatsMap,
     /// What this kernel cannot do as designed, found by loading (not by version strings).
     degraded: Vec<String>,
 }
@@ -208,6 +216,8 @@ impl Datapath {
         .context("reading the pinned service maps")?;
         let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
         let netns_probe = HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?;
+        let pod_stats =
+            stats::PodStatsMap::new(PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?);
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
@@ -242,6 +252,7 @@ impl Datapath {
             policy_ct,
             sockopt_cookies: netns::cookies_supported(),
             counters,
+            pod_stats,
             degraded,
         };
         dp.probe_netns_cookies();
@@ -412,6 +423,12 @@ impl Datapath {
         self.services.len()
     }
 
+    /// Where the maps and links are pinned.
+    #[must_use]
+    pub fn bpffs_root(&self) -> &Path {
+        &self.cfg.bpffs_root
+    }
+
     #[must_use]
     pub fn socket_lb(&self) -> bool {
         self.cfg.socket_lb_cgroup.is_some()
@@ -438,18 +455,37 @@ impl Datapath {
             modes[i] = attach::attach_tc(prog, ifname, dir, &links, prev, self.cfg.prefer_tcx)
                 .with_context(|| format!("attaching {name} to {ifname}"))?;
         }
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .with_context(|| format!("the index of {ifname}"))?;
+        self.pod_stats.ensure(ifindex)?;
         Ok(AttachedInterface {
             ifname: ifname.to_owned(),
+            ifindex,
             ingress: modes[0],
             egress: modes[1],
         })
     }
 
-    /// Detaches a pod's programs; a vanished interface is not an error.
+    /// Detaches a pod's programs and forgets its counters; a vanished interface is not an
+    /// error.
     pub fn detach_pod(&mut self, iface: &AttachedInterface) {
         let links = attach::links_dir(&self.cfg.bpffs_root);
         attach::detach_tc(&iface.ifname, TcAttachType::Ingress, &links, iface.ingress);
         attach::detach_tc(&iface.ifname, TcAttachType::Egress, &links, iface.egress);
+        if iface.ifindex != 0 {
+            self.pod_stats.remove(iface.ifindex);
+        }
+    }
+
+    /// Per-pod traffic counters by interface index, summed over CPUs.
+    pub fn pod_stats(&self) -> Result<std::collections::BTreeMap<u32, ferrovia_common::PodStats>> {
+        self.pod_stats.read_all()
+    }
+
+    /// Forgets the counters of interfaces that are not `attached` (pods that went while the
+    /// agent was down); returns how many went.
+    pub fn retain_pod_stats(&mut self, attached: &std::collections::BTreeSet<u32>) -> usize {
+        self.pod_stats.retain(attached)
     }
 
     /// Whether a pod's programs are attached, per direction: its pinned TCX link exists, or its

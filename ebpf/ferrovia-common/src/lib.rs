@@ -307,6 +307,51 @@ pub struct VerdictValue {
     pub bytes: u64,
 }
 
+/// One direction of a pod's traffic in `POD_STATS`, as the pod's tc programs saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirStats {
+    /// Packets on the wire (a GSO/GRO aggregate counts as its segments), dropped ones included.
+    pub packets: u64,
+    /// Bytes of those frames (Ethernet header on), dropped ones included.
+    pub bytes: u64,
+    /// New TCP connections let through: SYNs without ACK.
+    pub conns_tcp: u64,
+    /// New UDP flows let through: a datagram of a 4-tuple not seen, in either orientation, at
+    /// this pod within the UDP timeout (`UDP_FLOWS`), and not the reply of a translated flow.
+    pub conns_udp: u64,
+    /// IPv4 packets whose headers did not parse (truncated, bad IHL or length): passed
+    /// untouched, as before; the kernel drops what it cannot use.
+    pub malformed: u64,
+    /// Dropped by the pod's `NetworkPolicy` (reasons per verdict in `POLICY_VERDICTS`).
+    pub drop_policy: u64,
+    /// To a service without endpoints: answered with a TCP RST / ICMP unreachable, or dropped.
+    pub drop_no_endpoints: u64,
+    /// Dropped because a conntrack entry could not be written.
+    pub drop_ct_full: u64,
+    /// Dropped because a translation failed half-way.
+    pub drop_xlate_error: u64,
+}
+
+/// Value of the per-CPU `POD_STATS` map (key: the pod's host-side interface index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodStats {
+    /// Packets to the pod (`to_pod`).
+    pub ingress: DirStats,
+    /// Packets from the pod (`from_pod`).
+    pub egress: DirStats,
+}
+
+/// Why a pod's packet was dropped (`DirStats` field), as the tc programs note it.
+pub mod drop {
+    pub const NONE: u8 = 0;
+    pub const POLICY: u8 = 1;
+    pub const NO_ENDPOINTS: u8 = 2;
+    pub const CT_FULL: u8 = 3;
+    pub const XLATE_ERROR: u8 = 4;
+}
+
 /// Why a packet was allowed or denied (the `reason` of a [`VerdictKey`]).
 pub mod verdict {
     /// The pod is not isolated in this direction.
@@ -404,6 +449,8 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::VerdictValue {}
+    unsafe impl aya::Pod for super::DirStats {}
+    unsafe impl aya::Pod for super::PodStats {}
 }
 
 #[cfg(test)]
@@ -434,5 +481,7 @@ mod tests {
         assert_eq!(size_of::<VerdictKey>(), 20);
         assert_eq!(size_of::<VerdictValue>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<DirStats>(), 72);
+        assert_eq!(size_of::<PodStats>(), 144);
     }
 }

@@ -3,7 +3,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcConte
 use ferrovia_common::{
     AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_TIMEOUT_CLOSING_NS,
     CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4, PROTO_TCP, ServiceKey,
-    counter,
+    counter, drop,
 };
 
 use crate::{
@@ -40,7 +40,7 @@ fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn ct_key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
+pub fn ct_key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
     CtKey {
         saddr: pkt.src(),
         daddr: pkt.dst(),
@@ -144,10 +144,11 @@ fn reply_entry(pkt: &Ipv4Packet) -> Option<&'static mut CtValue> {
 /// A reply of a translated connection arriving at the client pod: reverse NAT when the tuple
 /// is known (policy has judged the packet as it came, before).
 #[inline(always)]
-pub fn to_pod(ctx: &mut TcContext, pkt: &Ipv4Packet) -> Result<i32, i64> {
+pub fn to_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i32, i64> {
     let Some(entry) = reply_entry(pkt) else {
         return Ok(TC_ACT_OK);
     };
+    gate.note_reply();
     count(counter::XLATE_CT);
     xlate_in(ctx, pkt, entry, false)
 }
@@ -218,6 +219,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         _pad: [0; 3],
     };
     let Some((backend_id, backend)) = select_backend(&frontend, &service, &client) else {
+        gate.note_drop(drop::NO_ENDPOINTS);
         return reject::no_endpoints(ctx, pkt);
     };
     let hairpin = backend.addr[0] == pkt.saddr;
@@ -261,6 +263,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         || CONNTRACK.insert(&out_key, &out_value, 0).is_err()
     {
         count(counter::DROP_CT_FULL);
+        gate.note_drop(drop::CT_FULL);
         return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     count(counter::XLATE_NEW);

@@ -15,13 +15,14 @@ mod packet;
 mod policy;
 mod reject;
 mod sock;
+mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
-use ferrovia_common::counter;
+use ferrovia_common::{POL_DIR_EGRESS, POL_DIR_INGRESS, counter, drop};
 
 use crate::{
     maps::count,
@@ -32,28 +33,27 @@ use crate::{
 /// the pod's egress policy on the translated flow.
 #[classifier]
 pub fn from_pod(mut ctx: TcContext) -> i32 {
-    let result = match packet::parse_ipv4(&ctx) {
+    match packet::parse_ipv4(&ctx) {
         Ok(pkt) => {
             let gate = Gate::current(&pkt);
-            if pkt.translatable {
+            let result = if pkt.translatable {
                 conntrack::from_pod(&mut ctx, &pkt, &gate)
             } else {
                 Ok(pass_if(gate.egress(&Flow::of(&pkt))))
-            }
+            };
+            let action = verdict(result, &gate);
+            stats::account(&ctx, POL_DIR_EGRESS, &pkt, action, &gate);
+            action
         }
-        Err(skip) => {
-            packet::count_skip(&skip);
-            Ok(TC_ACT_OK as i32)
-        }
-    };
-    verdict(result)
+        Err(skip) => unparsed(&ctx, POL_DIR_EGRESS, &skip),
+    }
 }
 
 /// Packets to the pod (tc egress of its host-side interface): the pod's ingress policy on the
 /// packet as it came, then reverse NAT of replies.
 #[classifier]
 pub fn to_pod(mut ctx: TcContext) -> i32 {
-    let result = match packet::parse_ipv4(&ctx) {
+    match packet::parse_ipv4(&ctx) {
         Ok(pkt) => {
             // SAFETY: plain reads of our own skb.
             let (mark, ingress_ifindex) =
@@ -62,22 +62,32 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
             if judged {
                 ctx.set_mark(0);
             }
+            // After the mark: read first, LLVM reuses the skb field's address for the write,
+            // which the verifier refuses ("dereference of modified ctx ptr").
+            let gate = Gate::current(&pkt);
             // A packet the node itself sent has not come in through any interface.
             let from_host = ingress_ifindex == 0;
-            if !judged && !Gate::current(&pkt).ingress(&Flow::of(&pkt), from_host) {
+            let result = if !judged && !gate.ingress(&Flow::of(&pkt), from_host) {
                 Ok(TC_ACT_SHOT as i32)
             } else if pkt.translatable {
-                conntrack::to_pod(&mut ctx, &pkt)
+                conntrack::to_pod(&mut ctx, &pkt, &gate)
             } else {
                 Ok(TC_ACT_OK as i32)
-            }
+            };
+            let action = verdict(result, &gate);
+            stats::account(&ctx, POL_DIR_INGRESS, &pkt, action, &gate);
+            action
         }
-        Err(skip) => {
-            packet::count_skip(&skip);
-            Ok(TC_ACT_OK as i32)
-        }
-    };
-    verdict(result)
+        Err(skip) => unparsed(&ctx, POL_DIR_INGRESS, &skip),
+    }
+}
+
+/// A frame left untouched because it is not IPv4 or its headers did not parse.
+#[inline(always)]
+fn unparsed(ctx: &TcContext, dir: u8, skip: &packet::Skip) -> i32 {
+    packet::count_skip(skip);
+    stats::account_unparsed(ctx, dir, matches!(skip, packet::Skip::Malformed));
+    TC_ACT_OK as i32
 }
 
 #[inline(always)]
@@ -91,9 +101,10 @@ fn pass_if(allowed: bool) -> i32 {
 
 /// A packet whose rewrite failed half-way is dropped (and counted) rather than sent on.
 #[inline(always)]
-fn verdict(result: Result<i32, i64>) -> i32 {
+fn verdict(result: Result<i32, i64>, gate: &Gate) -> i32 {
     result.unwrap_or_else(|_| {
         count(counter::DROP_XLATE_ERROR);
+        gate.note_drop(drop::XLATE_ERROR);
         TC_ACT_SHOT as i32
     })
 }

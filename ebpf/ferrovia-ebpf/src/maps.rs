@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use ferrovia_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy, FragKey,
-    PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey, PolicyState, ServiceKey,
-    ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey, VerdictValue, counter,
+    PodStats, PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey, PolicyState,
+    ServiceKey, ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey, VerdictValue,
+    counter,
 };
 
 /// Frontend (VIP, port, protocol, slot) → service (slot 0) or backend id (slots 1..=n).
@@ -84,6 +85,17 @@ pub static POD_NETNS: HashMap<u64, EndpointKey, 16_384> = HashMap::new();
 /// `sock4_connect` fills in an existing one.
 #[btf_map]
 pub static NETNS_PROBE: HashMap<u64, u64, 64> = HashMap::new();
+
+/// Per-CPU traffic of each local pod, keyed by its host-side interface index. The agent
+/// creates an entry when it attaches a pod and removes it when the pod goes; the programs only
+/// update existing entries, so the map holds registered pods and nothing traffic could add.
+#[btf_map]
+pub static POD_STATS: PerCpuHashMap<u32, PodStats, 16_384> = PerCpuHashMap::new();
+
+/// UDP flows seen at local pods, for `DirStats::conns_udp`: a `CtKey` as the packet was seen,
+/// with `dir` the point (`POL_DIR_*`) → last seen (ns). LRU.
+#[btf_map]
+pub static UDP_FLOWS: LruHashMap<CtKey, u64, 65_536> = LruHashMap::new();
 
 /// Per-CPU verdict counters, indexed by `ferrovia_common::counter`. Summed by the agent.
 #[btf_map]

@@ -6,12 +6,14 @@
 //! about the reverse direction. Entries carry the policy epoch they were judged under: after
 //! any policy change a flow is judged again on its next packet, so an established connection
 //! that stays allowed goes on and one that became denied is cut.
+use core::cell::Cell;
+
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use ferrovia_common::{
     CT_FLAG_CLOSING, CtKey, EndpointKey, EndpointPolicy, FAMILY_V4, FragKey, PEER_KEY_FIXED_BITS,
     POL_CT_EGRESS, POL_CT_FLAG_HOST, POL_CT_INGRESS, POL_DIR_EGRESS, POL_DIR_INGRESS,
     POL_ISOLATED_EGRESS, POL_ISOLATED_INGRESS, PORT_KEY_FIXED_BITS, PROTO_TCP, PolicyCtValue,
-    PolicyPeerKey, PolicyPortKey, VerdictKey, VerdictValue, counter, verdict,
+    PolicyPeerKey, PolicyPortKey, VerdictKey, VerdictValue, counter, drop, verdict,
 };
 
 use crate::{
@@ -89,13 +91,16 @@ impl Flow {
     }
 }
 
-/// Policy for one packet: off, or on under an epoch. Read once per packet.
-#[derive(Clone, Copy)]
+/// Policy for one packet: off, or on under an epoch. Read once per packet. It also carries
+/// what the packet's path noted for the pod's counters (`stats`): why it was dropped, and
+/// whether it was the reply of a translated flow.
 pub struct Gate {
     epoch: u32,
     enabled: bool,
     /// L3 length, for the byte counters.
     len: u64,
+    drop: Cell<u8>,
+    reply: Cell<bool>,
 }
 
 impl Gate {
@@ -106,7 +111,32 @@ impl Gate {
             epoch: state.epoch,
             enabled: state.enabled != 0,
             len: u64::from(pkt.tot_len),
+            drop: Cell::new(drop::NONE),
+            reply: Cell::new(false),
         }
+    }
+
+    /// Notes why the packet is dropped (`ferrovia_common::drop`), for the pod's counters.
+    #[inline(always)]
+    pub fn note_drop(&self, why: u8) {
+        self.drop.set(why);
+    }
+
+    /// Why the packet was dropped; `drop::NONE` when nothing dropped it.
+    #[inline(always)]
+    pub fn dropped(&self) -> u8 {
+        self.drop.get()
+    }
+
+    /// Notes that the packet is the reply of a translated flow (reverse NAT applies).
+    #[inline(always)]
+    pub fn note_reply(&self) {
+        self.reply.set(true);
+    }
+
+    #[inline(always)]
+    pub fn replied(&self) -> bool {
+        self.reply.get()
     }
 
     /// The sending pod's egress point (`from_pod`).
@@ -299,6 +329,7 @@ impl Gate {
         }
         if !allowed {
             count(counter::DROP_POLICY);
+            self.note_drop(drop::POLICY);
         }
         allowed
     }

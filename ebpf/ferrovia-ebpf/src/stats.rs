@@ -1,0 +1,131 @@
+//! Per-pod traffic counters (`POD_STATS`): packets, bytes, new connections and drops by
+//! reason, per direction, counted in the pod's tc programs on per-CPU values the agent sums
+//! at scrape time. A pod's entry exists while the agent has it registered; traffic on any
+//! other interface (or in a program test without an entry) is not counted here.
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
+use ferrovia_common::{
+    CT_TIMEOUT_UDP_NS, CtKey, DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP, drop,
+};
+
+use crate::{
+    conntrack::ct_key,
+    maps::{POD_STATS, UDP_FLOWS},
+    packet::{FRAG_LATER, Ipv4Packet, TCP_ACK, TCP_SYN},
+    policy::Gate,
+};
+
+/// A refresh of a flow's age at most this often (keeps its cache line quiet).
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// This packet's direction of the pod's counters: the pod is found by the interface the
+/// program runs on (`dir`: `POL_DIR_INGRESS` in `to_pod`, `POL_DIR_EGRESS` in `from_pod`).
+#[inline(always)]
+fn counters(ctx: &TcContext, dir: u8) -> Option<&'static mut DirStats> {
+    // SAFETY: plain reads of our own skb.
+    let (ifindex, len, segs) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.ifindex, skb.len, skb.gso_segs)
+    };
+    let stats = POD_STATS.get_ptr_mut(&ifindex)?;
+    // SAFETY: this CPU's copy of a live per-CPU value; nothing else writes it while we run.
+    let stats = unsafe { &mut *stats };
+    let d = if dir == POL_DIR_INGRESS {
+        &mut stats.ingress
+    } else {
+        &mut stats.egress
+    };
+    d.packets += u64::from(segs.max(1));
+    d.bytes += u64::from(len);
+    Some(d)
+}
+
+/// Counts an IPv4 packet the programs parsed, with its outcome: `action` as returned to tc,
+/// and what its path noted on `gate`.
+#[inline(always)]
+pub fn account(ctx: &TcContext, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) {
+    let Some(d) = counters(ctx, dir) else {
+        return;
+    };
+    match gate.dropped() {
+        drop::NONE => {}
+        drop::POLICY => d.drop_policy += 1,
+        drop::NO_ENDPOINTS => d.drop_no_endpoints += 1,
+        drop::CT_FULL => d.drop_ct_full += 1,
+        _ => d.drop_xlate_error += 1,
+    }
+    if gate.dropped() != drop::NONE || action == TC_ACT_SHOT as i32 {
+        return;
+    }
+    if pkt.proto == PROTO_TCP {
+        if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            d.conns_tcp += 1;
+        }
+    } else if pkt.proto == PROTO_UDP
+        && pkt.frag != FRAG_LATER
+        && !gate.replied()
+        && new_udp_flow(pkt, dir)
+    {
+        d.conns_udp += 1;
+    }
+}
+
+/// Counts a frame the programs did not parse: not IPv4 (ARP, IPv6), or IPv4 whose headers
+/// did not parse (`malformed`). Both pass untouched.
+#[inline(always)]
+pub fn account_unparsed(ctx: &TcContext, dir: u8, malformed: bool) {
+    if let Some(d) = counters(ctx, dir)
+        && malformed
+    {
+        d.malformed += 1;
+    }
+}
+
+/// Whether a UDP datagram starts a flow at this pod: its 4-tuple was not seen here within the
+/// UDP timeout, in its own orientation at this point or reversed at the pod's other point (a
+/// reply of a flow the other side started). Records it when new.
+#[inline(always)]
+fn new_udp_flow(pkt: &Ipv4Packet, dir: u8) -> bool {
+    // SAFETY: helper without side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ct_key(pkt, dir);
+    if seen(&key, now) {
+        return false;
+    }
+    let back = CtKey {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        dir: if dir == POL_DIR_INGRESS {
+            POL_DIR_EGRESS
+        } else {
+            POL_DIR_INGRESS
+        },
+        ..key
+    };
+    if seen(&back, now) {
+        return false;
+    }
+    // Best effort: an LRU insert fails only under memory pressure (then the next datagram
+    // counts again).
+    let _ = UDP_FLOWS.insert(&key, &now, 0);
+    true
+}
+
+/// Whether `key` was seen within the UDP timeout, refreshing its age when it was.
+#[inline(always)]
+fn seen(key: &CtKey, now: u64) -> bool {
+    let Some(last) = UDP_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: valid map value; racing writers only store a time.
+    let last = unsafe { &mut *last };
+    let age = now.saturating_sub(*last);
+    if age >= CT_TIMEOUT_UDP_NS {
+        return false;
+    }
+    if age > REFRESH_NS {
+        *last = now;
+    }
+    true
+}
