@@ -426,7 +426,7 @@ fn pods_show_addresses_interfaces_attachments_and_isolation() {
     let table = c.table("pods");
     let rows = rows(
         &table,
-        "POD IPS HOST IFACE FROM_POD TO_POD ISOLATED CONTAINER",
+        "POD IPS HOST IFACE FROM_POD TO_POD ISOLATED IN PKTS/DROPS OUT PKTS/DROPS CONTAINER",
         &["default/web-a", "default/web-b", "default/client"],
     );
     assert_eq!(rows.len(), 3, "one row per pod:\n{table}");

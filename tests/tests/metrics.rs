@@ -8,6 +8,7 @@ use std::{
 };
 
 use ferrovia_tests::{Agent, AgentOpts, Node, Pod, ProbeSpec, openmetrics};
+use serde_json::Value;
 
 const METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9964));
 const PORT: u16 = 8080;
@@ -69,6 +70,17 @@ fn scrape(agent: &Agent) -> (Counters, String) {
         out.insert((family, s.labels["pod"].clone(), others.join(",")), s.value);
     }
     (out, reply.body)
+}
+
+/// `ferrovia pods -o json`, by pod name.
+fn pods_json(shop: &Shop) -> BTreeMap<String, Value> {
+    let answer = ferrovia_tests::cli::json(&shop.node.api_socket(), "pods").expect("ferrovia pods");
+    answer["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| (p["name"].as_str().expect("name").to_owned(), p.clone()))
+        .collect()
 }
 
 /// Makes a pod's only traffic the test's own: no IPv6 on either end of its veth (router
@@ -218,13 +230,15 @@ impl Shop {
 
 /// n TCP and UDP requests from client to server, m UDP datagrams from a stranger the server's
 /// policy denies: the exact deltas of connections, drops, verdicts, and the stranger's
-/// packets and bytes; then the stranger is deleted and its series go.
+/// packets and bytes, in `/metrics` and in `ferrovia pods -o json`; then the stranger is
+/// deleted and its series go.
 #[test]
 #[allow(clippy::float_cmp)] // counter values are small integers, exact in f64
 fn pod_counters_in_metrics_match_the_traffic_driven() {
     let shop = Shop::new();
     let to = shop.to();
     let (before, _) = scrape(&shop.agent);
+    let cli_before = pods_json(&shop);
     let (n_tcp, n_udp, m) = (4, 3, 2);
     let tcp = shop
         .client
@@ -242,6 +256,7 @@ fn pod_counters_in_metrics_match_the_traffic_driven() {
         .expect("denied probe");
     assert!(denied.iter().all(|r| !r.ok), "{denied:?}");
     let (after, body) = scrape(&shop.agent);
+    let cli_after = pods_json(&shop);
     let d = |family: &str, pod: &str, labels: &str| delta(&before, &after, family, pod, labels);
 
     let wrong: Vec<String> = expected_deltas(n_tcp as f64, n_udp as f64, m as f64)
@@ -262,6 +277,43 @@ fn pod_counters_in_metrics_match_the_traffic_driven() {
         d("ferrovia_pod_packets", "server", "direction=ingress"),
         client_out + m as f64,
         "{body}"
+    );
+
+    // `ferrovia pods -o json` says the same.
+    let cli = |pod: &str, dir: &str, field: &str| {
+        let get = |all: &BTreeMap<String, Value>| all[pod][dir][field].as_u64().expect(field);
+        get(&cli_after) - get(&cli_before)
+    };
+    let cli_expected = [
+        ("client", "egress", "connections_tcp", n_tcp),
+        ("client", "egress", "connections_udp", n_udp),
+        ("server", "ingress", "connections_tcp", n_tcp),
+        ("server", "ingress", "connections_udp", n_udp),
+        ("server", "egress", "connections_udp", 0),
+        ("server", "ingress", "drops_policy_denied", m),
+        ("server", "ingress", "policy_denied", m),
+        ("stranger", "egress", "packets", m),
+        ("stranger", "egress", "bytes", m * UDP_REQUEST_FRAME as u64),
+        ("stranger", "ingress", "packets", 0),
+    ];
+    let wrong: Vec<String> = cli_expected
+        .iter()
+        .filter(|&&(pod, dir, field, want)| cli(pod, dir, field) != want)
+        .map(|&(pod, dir, field, want)| {
+            format!(
+                "{pod} {dir}.{field}: +{}, expected +{want}",
+                cli(pod, dir, field)
+            )
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "ferrovia pods -o json: {wrong:#?}\n{cli_after:#?}"
+    );
+    assert_eq!(
+        cli("server", "ingress", "packets") as f64,
+        d("ferrovia_pod_packets", "server", "direction=ingress"),
+        "the CLI and /metrics read the same counters"
     );
 
     // A deleted pod's series disappear; the others stay.

@@ -99,6 +99,8 @@ pub struct PodState {
     pub to_pod: TcMode,
     pub ingress_isolated: bool,
     pub egress_isolated: bool,
+    /// Its counters, as `/metrics` exports them.
+    pub counters: crate::metrics::PodMetrics,
 }
 
 /// Answer of `GetMaps`.
@@ -241,7 +243,48 @@ impl From<PodState> for v1::PodStatus {
             to_pod: Some(state.to_pod.into()),
             ingress_isolated: state.ingress_isolated,
             egress_isolated: state.egress_isolated,
+            ingress: Some(traffic(
+                &state.counters,
+                &state.counters.traffic.ingress,
+                ferrovia_common::POL_DIR_INGRESS,
+            )),
+            egress: Some(traffic(
+                &state.counters,
+                &state.counters.traffic.egress,
+                ferrovia_common::POL_DIR_EGRESS,
+            )),
         }
+    }
+}
+
+/// One direction of a pod's counters, with its policy verdicts summed by outcome.
+fn traffic(
+    counters: &crate::metrics::PodMetrics,
+    d: &ferrovia_common::DirStats,
+    dir: u8,
+) -> v1::PodTraffic {
+    let verdicts = |allowed: bool| {
+        counters
+            .verdicts
+            .iter()
+            .filter(|((d, reason), _)| {
+                *d == dir && ferrovia_common::verdict::allows(*reason) == allowed
+            })
+            .map(|(_, packets)| packets)
+            .sum()
+    };
+    v1::PodTraffic {
+        packets: d.packets,
+        bytes: d.bytes,
+        connections_tcp: d.conns_tcp,
+        connections_udp: d.conns_udp,
+        malformed: d.malformed,
+        drops_policy_denied: d.drop_policy,
+        drops_no_endpoints: d.drop_no_endpoints,
+        drops_conntrack_full: d.drop_ct_full,
+        drops_translation_error: d.drop_xlate_error,
+        policy_allowed: verdicts(true),
+        policy_denied: verdicts(false),
     }
 }
 

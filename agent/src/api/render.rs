@@ -216,8 +216,38 @@ pub fn pods_json(resp: &v1::ListPodsResponse) -> Value {
             "to_pod": attachment(p.to_pod.as_ref()),
             "ingress_isolated": p.ingress_isolated,
             "egress_isolated": p.egress_isolated,
+            "ingress": traffic_json(p.ingress.as_ref()),
+            "egress": traffic_json(p.egress.as_ref()),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// One direction of a pod's traffic counters as JSON (field names as in the proto).
+fn traffic_json(t: Option<&v1::PodTraffic>) -> Value {
+    let t = t.copied().unwrap_or_default();
+    json!({
+        "packets": t.packets,
+        "bytes": t.bytes,
+        "connections_tcp": t.connections_tcp,
+        "connections_udp": t.connections_udp,
+        "malformed": t.malformed,
+        "drops_policy_denied": t.drops_policy_denied,
+        "drops_no_endpoints": t.drops_no_endpoints,
+        "drops_conntrack_full": t.drops_conntrack_full,
+        "drops_translation_error": t.drops_translation_error,
+        "policy_allowed": t.policy_allowed,
+        "policy_denied": t.policy_denied,
+    })
+}
+
+/// A direction's packets and drops, for the table: `packets/drops`.
+fn traffic_cell(t: Option<&v1::PodTraffic>) -> String {
+    let t = t.copied().unwrap_or_default();
+    let drops = t.drops_policy_denied
+        + t.drops_no_endpoints
+        + t.drops_conntrack_full
+        + t.drops_translation_error;
+    format!("{}/{drops}", t.packets)
 }
 
 /// `ListPods` as a table, one row per pod.
@@ -246,6 +276,8 @@ pub fn pods_table(resp: &v1::ListPodsResponse) -> String {
                 attachment(p.from_pod.as_ref()),
                 attachment(p.to_pod.as_ref()),
                 or_dash(&isolated.join(",")),
+                traffic_cell(p.ingress.as_ref()),
+                traffic_cell(p.egress.as_ref()),
                 p.container_id.clone(),
             ]
         })
@@ -258,6 +290,8 @@ pub fn pods_table(resp: &v1::ListPodsResponse) -> String {
             "FROM_POD",
             "TO_POD",
             "ISOLATED",
+            "IN PKTS/DROPS",
+            "OUT PKTS/DROPS",
             "CONTAINER",
         ],
         &rows,
@@ -575,13 +609,21 @@ mod tests {
                 }),
                 ingress_isolated: false,
                 egress_isolated: true,
+                ingress: Some(v1::PodTraffic {
+                    packets: 12,
+                    drops_policy_denied: 2,
+                    drops_no_endpoints: 1,
+                    policy_denied: 2,
+                    ..v1::PodTraffic::default()
+                }),
+                egress: None,
             }],
         };
         assert_eq!(
             lines(&pods_table(&resp)),
             [
-                "POD            IPS       HOST IFACE  FROM_POD  TO_POD                      ISOLATED  CONTAINER",
-                "default/web-a  10.0.0.1  veth1       tcx       cls_bpf prio 1 handle 0x10  egress    c1",
+                "POD            IPS       HOST IFACE  FROM_POD  TO_POD                      ISOLATED  IN PKTS/DROPS  OUT PKTS/DROPS  CONTAINER",
+                "default/web-a  10.0.0.1  veth1       tcx       cls_bpf prio 1 handle 0x10  egress    12/3           0/0             c1",
             ]
         );
         let json = pods_json(&resp);
@@ -591,6 +633,10 @@ mod tests {
         );
         assert_eq!(json["pods"][0]["ips"], json!(["10.0.0.1"]));
         assert_eq!(json["pods"][0]["egress_isolated"], json!(true));
+        assert_eq!(json["pods"][0]["ingress"]["packets"], json!(12));
+        assert_eq!(json["pods"][0]["ingress"]["drops_no_endpoints"], json!(1));
+        assert_eq!(json["pods"][0]["ingress"]["policy_denied"], json!(2));
+        assert_eq!(json["pods"][0]["egress"]["packets"], json!(0));
     }
 
     #[test]

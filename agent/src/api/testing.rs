@@ -148,6 +148,7 @@ impl Inventory for TestRegistry {
                 },
                 ingress_isolated: true,
                 egress_isolated: false,
+                counters: crate::metrics::PodMetrics::default(),
             })
             .collect();
         pods.sort_by(|a, b| a.pod.container_id.cmp(&b.pod.container_id));

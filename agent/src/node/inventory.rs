@@ -54,6 +54,16 @@ impl Inventory for Node {
 
     async fn pods(&self) -> Vec<PodState> {
         let (state, pods) = self.snapshot().await;
+        let mut counters: BTreeMap<String, crate::metrics::PodMetrics> = {
+            let inner = self.inner.lock().await;
+            // Both in the order of `inner.pods`, read under one lock.
+            inner
+                .pods
+                .keys()
+                .cloned()
+                .zip(super::pod_metrics(&inner))
+                .collect()
+        };
         let in_force = policies(&state, &local_pods(&pods), &[]);
         let selected = |pod: &PodRecord, direction: &str| {
             in_force.policies.iter().any(|p| {
@@ -69,6 +79,7 @@ impl Inventory for Node {
                 egress_isolated: selected(pod, "Egress"),
                 from_pod: pod.iface.ingress,
                 to_pod: pod.iface.egress,
+                counters: counters.remove(&pod.container_id).unwrap_or_default(),
                 pod: PodRegistration {
                     container_id: pod.container_id.clone(),
                     netns: pod.netns.clone(),
