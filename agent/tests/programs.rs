@@ -2089,6 +2089,61 @@ fn pod_counters_count_packets_bytes_new_flows_and_drops_by_reason() {
     assert!(t.dp.as_ref().unwrap().pod_stats().unwrap().is_empty());
 }
 
+/// Per-frontend counters: a new flow translated by the per-packet path counts once (not its
+/// later packets), a connection to a frontend without endpoints counts as rejected, and a
+/// removed frontend's counters go with it.
+#[test]
+fn frontend_counters_count_new_connections_and_rejections_once() {
+    let mut t = load("frontend-stats");
+    let key = |vip: [u8; 4], port: u16, proto: u8| ServiceKey {
+        addr: addr::encode(std::net::Ipv4Addr::from(vip).into()).0,
+        port: port.to_be(),
+        proto,
+        family: addr::encode(std::net::Ipv4Addr::from(vip).into()).1,
+        slot: 0,
+        _pad: 0,
+    };
+    let stats = |t: &Loaded| t.dp.as_ref().unwrap().frontend_stats().unwrap();
+    assert!(stats(&t).is_empty());
+    let syn = tcp(CLIENT, 40000, VIP, 80, true, b"");
+    assert_eq!(run(&t, "from_pod", &syn).0, TC_ACT_OK);
+    assert_eq!(run(&t, "from_pod", &syn).0, TC_ACT_OK, "retransmitted");
+    let s = stats(&t)[&key(VIP, 80, PROTO_TCP)];
+    assert_eq!(
+        (s.connections, s.rejected),
+        (1, 0),
+        "the SYN and its retransmission: one flow"
+    );
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 40000, VIP, 80, false, b"x"));
+    let _ = run(&t, "from_pod", &udp(CLIENT, 40001, VIP, 53, b"q"));
+    let _ = run(&t, "from_pod", &udp(CLIENT, 40001, VIP, 53, b"q"));
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 40002, DEAD_VIP, 80, true, b""));
+    let all = stats(&t);
+    let s = all[&key(VIP, 80, PROTO_TCP)];
+    assert_eq!(
+        (s.connections, s.rejected),
+        (1, 0),
+        "later packets are no new connection"
+    );
+    let s = all[&key(VIP, 53, PROTO_UDP)];
+    assert_eq!((s.connections, s.rejected), (1, 0), "one UDP flow");
+    let s = all[&key(DEAD_VIP, 80, PROTO_TCP)];
+    assert_eq!((s.connections, s.rejected), (0, 1));
+    // The TCP frontend goes: its counters too.
+    let rest: Vec<FrontendSpec> = base_frontends().into_iter().skip(1).collect();
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&rest);
+    assert!(errors.is_empty(), "{errors:?}");
+    let data = aya::maps::MapData::from_pin(t.root.join("FRONTEND_STATS")).unwrap();
+    let map: aya::maps::PerCpuHashMap<_, u32, ferrovia_common::FrontendStats> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+    assert_eq!(
+        map.keys().count(),
+        2,
+        "only the UDP and dead frontends' entries are left"
+    );
+    assert!(!stats(&t).contains_key(&key(VIP, 80, PROTO_TCP)));
+}
+
 /// Test-owned objects for the network-namespace probe: cgroups and named namespaces, removed
 /// on drop (also when the test fails).
 struct ProbeFixture {

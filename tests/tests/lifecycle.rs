@@ -39,7 +39,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MORE: usize = 20;
 
 /// The maps the agent pins (agent/src/datapath/mod.rs `MAP_NAMES`).
-const MAP_NAMES: [&str; 18] = [
+const MAP_NAMES: [&str; 19] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -58,6 +58,7 @@ const MAP_NAMES: [&str; 18] = [
     "NETNS_PROBE",
     "POD_STATS",
     "UDP_FLOWS",
+    "FRONTEND_STATS",
 ];
 
 fn vip() -> SocketAddr {

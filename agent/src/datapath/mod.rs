@@ -38,7 +38,7 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -57,6 +57,7 @@ pub const MAP_NAMES: [&str; 18] = [
     "NETNS_PROBE",
     "POD_STATS",
     "UDP_FLOWS",
+    "FRONTEND_STATS",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -137,6 +138,7 @@ pub struct Datapath {
     policy_ct: HashMap<aya::maps::MapData, ferrovia_common::CtKey, ferrovia_common::PolicyCtValue>,
     counters: PerCpuArray<aya::maps::MapData, u64>,
     pod_stats: stats::PodStatsMap,
+    frontend_stats: stats::FrontendStatsMap,
     /// What this kernel cannot do as designed, found by loading (not by version strings).
     degraded: Vec<String>,
 }
@@ -218,6 +220,10 @@ impl Datapath {
         let netns_probe = HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?;
         let pod_stats =
             stats::PodStatsMap::new(PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?);
+        let frontend_stats = stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(
+            &mut ebpf,
+            "FRONTEND_STATS",
+        )?)?);
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
@@ -253,6 +259,7 @@ impl Datapath {
             sockopt_cookies: netns::cookies_supported(),
             counters,
             pod_stats,
+            frontend_stats,
             degraded,
         };
         dp.probe_netns_cookies();
@@ -353,7 +360,24 @@ impl Datapath {
 
     /// Writes frontends given as map entries (what [`Datapath::sync`] derives from the model).
     pub fn sync_frontends(&mut self, specs: &[FrontendSpec]) -> (SyncReport, Vec<WriteError>) {
-        self.services.sync(specs)
+        let result = self.services.sync(specs);
+        // The counters of frontends that went go with them (also those removed while the
+        // agent was down).
+        let live = self.services.service_ids().into_values().collect();
+        self.frontend_stats.retain(&live);
+        result
+    }
+
+    /// New connections and rejections per installed frontend, summed over CPUs; frontends
+    /// without any yet are absent.
+    pub fn frontend_stats(&self) -> Result<BTreeMap<ServiceKey, ferrovia_common::FrontendStats>> {
+        let by_id = self.frontend_stats.read_all()?;
+        Ok(self
+            .services
+            .service_ids()
+            .into_iter()
+            .filter_map(|(key, id)| by_id.get(&id).map(|s| (key, *s)))
+            .collect())
     }
 
     /// Runs tc program `name` once on `packet` through `BPF_PROG_TEST_RUN`, returning the

@@ -93,6 +93,15 @@ pub fn describe(key: &ServiceKey) -> String {
 }
 
 impl ServiceWriter {
+    /// The service id of every installed frontend.
+    #[must_use]
+    pub fn service_ids(&self) -> BTreeMap<ServiceKey, u32> {
+        self.installed
+            .iter()
+            .map(|(k, i)| (*k, i.service.service_id))
+            .collect()
+    }
+
     /// Adopts the (possibly pinned, possibly non-empty) maps and rebuilds the view of what is
     /// installed, removing entries no complete frontend refers to (left by a crash mid-write).
     pub fn adopt(

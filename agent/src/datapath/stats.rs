@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
-use ferrovia_common::{DirStats, PodStats};
+use ferrovia_common::{DirStats, FrontendStats, PodStats};
 
 /// `POD_STATS`, keyed by the pod's host-side interface index.
 pub struct PodStatsMap {
@@ -83,4 +83,45 @@ fn add(to: &mut DirStats, v: &DirStats) {
 
 fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| anyhow::anyhow!("possible CPUs: {e}"))
+}
+
+/// `FRONTEND_STATS`, keyed by a frontend's `service_id`: entries made by the programs,
+/// removed here when their frontend goes.
+pub struct FrontendStatsMap {
+    map: PerCpuHashMap<MapData, u32, FrontendStats>,
+}
+
+impl FrontendStatsMap {
+    pub(super) fn new(map: PerCpuHashMap<MapData, u32, FrontendStats>) -> Self {
+        Self { map }
+    }
+
+    /// Removes the entries of frontends not in `live` (service ids); returns how many went.
+    pub fn retain(&mut self, live: &BTreeSet<u32>) -> usize {
+        let stale: Vec<u32> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(k))
+            .collect();
+        for k in &stale {
+            let _ = self.map.remove(k);
+        }
+        stale.len()
+    }
+
+    /// Every entry, summed over CPUs.
+    pub fn read_all(&self) -> Result<BTreeMap<u32, FrontendStats>> {
+        let mut out = BTreeMap::new();
+        for item in &self.map {
+            let (id, values) = item.context("reading FRONTEND_STATS")?;
+            let mut total = FrontendStats::default();
+            for v in values.iter() {
+                total.connections += v.connections;
+                total.rejected += v.rejected;
+            }
+            out.insert(id, total);
+        }
+        Ok(out)
+    }
 }

@@ -343,6 +343,18 @@ pub struct PodStats {
     pub egress: DirStats,
 }
 
+/// Value of the per-CPU `FRONTEND_STATS` map (key: a frontend's `service_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FrontendStats {
+    /// New connections given a backend: a TCP connect or first UDP datagram translated by the
+    /// socket hooks, or a new flow translated by the per-packet path (each counted once, where
+    /// it was translated).
+    pub connections: u64,
+    /// Connections refused because the frontend had no endpoint.
+    pub rejected: u64,
+}
+
 /// Why a pod's packet was dropped (`DirStats` field), as the tc programs note it.
 pub mod drop {
     pub const NONE: u8 = 0;
@@ -451,6 +463,7 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictValue {}
     unsafe impl aya::Pod for super::DirStats {}
     unsafe impl aya::Pod for super::PodStats {}
+    unsafe impl aya::Pod for super::FrontendStats {}
 }
 
 #[cfg(test)]

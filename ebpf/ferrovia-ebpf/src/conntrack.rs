@@ -7,7 +7,7 @@ use ferrovia_common::{
 };
 
 use crate::{
-    lb::{live_backend, lookup_service, select_backend},
+    lb::{count_connection, live_backend, lookup_service, select_backend},
     maps::{CONNTRACK, count},
     packet::{
         IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bounce,
@@ -219,6 +219,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         _pad: [0; 3],
     };
     let Some((backend_id, backend)) = select_backend(&frontend, &service, &client) else {
+        count_connection(service.service_id, true);
         gate.note_drop(drop::NO_ENDPOINTS);
         return reject::no_endpoints(ctx, pkt);
     };
@@ -267,5 +268,6 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     count(counter::XLATE_NEW);
+    count_connection(service.service_id, false);
     xlate_out(ctx, pkt, &out_value)
 }

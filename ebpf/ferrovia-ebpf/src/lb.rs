@@ -1,16 +1,37 @@
 //! Backend selection, shared by the socket hooks and the per-packet path.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferrovia_common::{
-    AffinityKey, AffinityValue, Backend, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, FrontendStats, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, SERVICES};
+use crate::maps::{AFFINITY, BACKENDS, FRONTEND_STATS, SERVICES};
 
 /// The service entry (slot 0) of a frontend, if the frontend exists.
 #[inline(always)]
 pub fn lookup_service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: value copied out at once; the agent replaces entries whole.
     unsafe { SERVICES.get(key).copied() }
+}
+
+/// Counts a new connection to frontend `service_id`, given a backend or `rejected`.
+#[inline(always)]
+pub fn count_connection(service_id: u32, rejected: bool) {
+    if let Some(stats) = FRONTEND_STATS.get_ptr_mut(&service_id) {
+        // SAFETY: this CPU's copy of a live per-CPU value; nothing else writes it meanwhile.
+        let stats = unsafe { &mut *stats };
+        if rejected {
+            stats.rejected += 1;
+        } else {
+            stats.connections += 1;
+        }
+    } else {
+        let stats = FrontendStats {
+            connections: u64::from(!rejected),
+            rejected: u64::from(rejected),
+        };
+        // Best effort: a full map only loses the count.
+        let _ = FRONTEND_STATS.insert(&service_id, &stats, 0);
+    }
 }
 
 /// The backend `id`, if it still exists and still belongs to frontend `service_id`.

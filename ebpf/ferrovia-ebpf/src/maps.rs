@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use ferrovia_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy, FragKey,
-    PodStats, PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey, PolicyState,
-    ServiceKey, ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey, VerdictValue,
-    counter,
+    FrontendStats, PodStats, PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey,
+    PolicyState, ServiceKey, ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey,
+    VerdictValue, counter,
 };
 
 /// Frontend (VIP, port, protocol, slot) → service (slot 0) or backend id (slots 1..=n).
@@ -91,6 +91,11 @@ pub static NETNS_PROBE: HashMap<u64, u64, 64> = HashMap::new();
 /// update existing entries, so the map holds registered pods and nothing traffic could add.
 #[btf_map]
 pub static POD_STATS: PerCpuHashMap<u32, PodStats, 16_384> = PerCpuHashMap::new();
+
+/// Per-CPU new connections and rejections per frontend (`service_id`). Entries are made by
+/// the programs on a frontend's first connection and removed by the agent with the frontend.
+#[btf_map]
+pub static FRONTEND_STATS: PerCpuHashMap<u32, FrontendStats, 65_536> = PerCpuHashMap::new();
 
 /// UDP flows seen at local pods, for `DirStats::conns_udp`: a `CtKey` as the packet was seen,
 /// with `dir` the point (`POL_DIR_*`) → last seen (ns). LRU.

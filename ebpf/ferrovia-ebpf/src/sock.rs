@@ -12,7 +12,7 @@ use ferrovia_common::{
 };
 
 use crate::{
-    lb::{live_backend, lookup_service, select_backend},
+    lb::{count_connection, live_backend, lookup_service, select_backend},
     maps::{NETNS_PROBE, POD_NETNS, POLICY_PODS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
 };
 
@@ -89,6 +89,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
                 live_backend(prev.backend_id, service.service_id).map(|b| (prev.backend_id, b));
         }
     }
+    let remembered = chosen.is_some();
     if chosen.is_none() {
         // The source address is not chosen yet at connect time: the client pod is known by
         // its network namespace instead.
@@ -102,6 +103,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     }
     let Some((backend_id, backend)) = chosen else {
         count(counter::SOCK_REJECT);
+        count_connection(service.service_id, true);
         // As kube-proxy's REJECT would: the caller sees ECONNREFUSED, not a black hole.
         if refusal == Refusal::Econnrefused {
             // SAFETY: cgroup helper (5.18+), sets the errno of the denied call.
@@ -112,6 +114,11 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     if policed_hairpin(netns, backend.addr[0]) {
         // Left to the per-packet path, where policy judges it like any connection.
         return ALLOW;
+    }
+    if !remembered {
+        // A new connection, or a datagram that needed a new backend (not a repeat of an
+        // unconnected socket's flow).
+        count_connection(service.service_id, false);
     }
     if sticky {
         let value = SockFwdValue {
