@@ -2,13 +2,15 @@
 //! `/healthz` (the process serves) and `/readyz` (the first full sync is done).
 //!
 //! Values are read from the agent at scrape time by a [`Collector`], so `/metrics` cannot drift
-//! from what `ferrovia status` reports. Labels name kernel features and hooks, never an address.
+//! from what `ferrovia status` reports; only the sync metrics ([`SyncMetrics`]) are updated by
+//! the agent as it syncs. Labels name kernel features, maps and hooks, never an address.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
 use ferrovia_common::{DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PodStats, verdict};
@@ -22,9 +24,14 @@ use axum::{
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet, text::encode},
-    metrics::{MetricType, info::Info},
-    registry::Registry,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet, text::encode},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::{Registry, Unit},
 };
 
 /// The content type of `/metrics` (`OpenMetrics` 1.0 text).
@@ -38,6 +45,159 @@ pub trait MetricsSource: Send + Sync + 'static {
 
     /// Every registered pod's counters, read from the data path's maps now.
     fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>>;
+
+    /// The data path's health now: its maps' fill and what is attached.
+    fn health(&self) -> Pin<Box<dyn Future<Output = Health> + Send + '_>>;
+}
+
+/// The data path's health at a scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Every pinned map that could be read (one that cannot is logged and left out).
+    pub maps: Vec<MapFill>,
+    /// Whether the socket-level load balancing programs are attached to their cgroup.
+    pub socket_lb: bool,
+    /// Pods registered by the CNI plugin.
+    pub pods: u64,
+    /// Of those, pods whose `from_pod` and `to_pod` are confirmed attached to their interface.
+    pub pods_attached: u64,
+}
+
+/// A pinned map's capacity and current entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name in the BPF object (a fixed set).
+    pub name: &'static str,
+    pub capacity: u32,
+    pub entries: u32,
+}
+
+/// The socket-level load balancing programs, all attached to the cgroup or none.
+const SOCKET_PROGRAMS: [&str; 4] = [
+    "sock4_connect",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock4_getpeer",
+];
+
+/// What makes a sync leave part of the desired state unwritten, or the source reject part of
+/// it: the values of `ferrovia_sync_errors_total`'s `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum SyncError {
+    /// A frontend stayed at its previous state: its map is full.
+    FrontendMapFull,
+    /// A frontend stayed at its previous state: a map write failed.
+    FrontendWrite,
+    /// A frontend stayed at its previous state: it has more backends than a slot can number.
+    FrontendTooManyBackends,
+    /// The policy stayed at its previous state: a policy map is full.
+    PolicyMapFull,
+    /// The policy stayed at its previous state: a policy map write failed.
+    PolicyWrite,
+    /// The desired-state source rejected an object or a file (counted once when it appears).
+    RejectedObject,
+}
+
+impl From<&crate::datapath::WriteError> for SyncError {
+    fn from(error: &crate::datapath::WriteError) -> Self {
+        match error {
+            crate::datapath::WriteError::Full { .. } => Self::FrontendMapFull,
+            crate::datapath::WriteError::Map { .. } => Self::FrontendWrite,
+            crate::datapath::WriteError::TooManyBackends { .. } => Self::FrontendTooManyBackends,
+        }
+    }
+}
+
+impl From<&crate::datapath::PolicyError> for SyncError {
+    fn from(error: &crate::datapath::PolicyError) -> Self {
+        match error {
+            crate::datapath::PolicyError::Full { .. } => Self::PolicyMapFull,
+            crate::datapath::PolicyError::Map { .. } => Self::PolicyWrite,
+        }
+    }
+}
+
+impl SyncError {
+    const ALL: [Self; 6] = [
+        Self::FrontendMapFull,
+        Self::FrontendWrite,
+        Self::FrontendTooManyBackends,
+        Self::PolicyMapFull,
+        Self::PolicyWrite,
+        Self::RejectedObject,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::FrontendMapFull => "frontend_map_full",
+            Self::FrontendWrite => "frontend_write",
+            Self::FrontendTooManyBackends => "frontend_too_many_backends",
+            Self::PolicyMapFull => "policy_map_full",
+            Self::PolicyWrite => "policy_write",
+            Self::RejectedObject => "rejected_object",
+        }
+    }
+}
+
+/// The sync metrics, updated by the agent as it syncs (cheap clones share the values).
+#[derive(Clone, Debug)]
+pub struct SyncMetrics {
+    duration: Histogram,
+    latency: Histogram,
+    /// Per [`SyncError`], in [`SyncError::ALL`]'s order (exported in it).
+    errors: [Counter; SyncError::ALL.len()],
+    /// The source's rejections seen last, so each is counted once when it appears.
+    rejections: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Default for SyncMetrics {
+    fn default() -> Self {
+        // 0.5 ms to ~8 s: a sync of a few services to one of 100,000.
+        let buckets = || exponential_buckets(0.000_5, 4.0, 8);
+        Self {
+            duration: Histogram::new(buckets()),
+            latency: Histogram::new(buckets()),
+            errors: Default::default(),
+            rejections: Arc::default(),
+        }
+    }
+}
+
+impl SyncMetrics {
+    /// One sync of the maps took `elapsed`.
+    pub fn synced(&self, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The maps reflect a desired-state change noticed `elapsed` ago.
+    pub fn reflected(&self, elapsed: Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an error of `kind`.
+    pub fn failed(&self, kind: SyncError) {
+        self.count(kind, 1);
+    }
+
+    fn count(&self, kind: SyncError, n: u64) {
+        self.errors[kind as usize].inc_by(n);
+    }
+
+    /// The source's rejections now, one line each: those not seen at the previous call count
+    /// as `rejected_object` errors.
+    pub fn rejections(&self, lines: impl IntoIterator<Item = String>) {
+        let now: BTreeSet<String> = lines.into_iter().collect();
+        let mut seen = self
+            .rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = now.difference(&seen).count() as u64;
+        if new > 0 {
+            self.count(SyncError::RejectedObject, new);
+        }
+        *seen = now;
+    }
 }
 
 /// One pod's counters at a scrape: traffic per direction (`POD_STATS`) and its policy
@@ -54,6 +214,9 @@ pub struct PodMetrics {
 /// The agent, once its first full sync is done; unset before.
 type Attached = Arc<OnceLock<Arc<dyn MetricsSource>>>;
 
+/// The source's rejections now, one line each (see [`Endpoint::watch_rejections`]).
+type Rejections = Box<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// What the HTTP endpoint serves: the metric registry, and readiness.
 pub struct Endpoint {
     registry: Registry,
@@ -61,6 +224,10 @@ pub struct Endpoint {
     /// The pods' counters of the scrape in progress, read before encoding (the collector
     /// encodes synchronously; the agent's state is behind an async lock).
     pods: Arc<Mutex<Vec<PodMetrics>>>,
+    /// The data path's health of the scrape in progress, read with the pods.
+    health: Arc<Mutex<Health>>,
+    sync: SyncMetrics,
+    rejections: OnceLock<Rejections>,
     /// One scrape at a time: each encodes the pods it read.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -92,12 +259,38 @@ impl Endpoint {
             agent: Arc::clone(&agent),
             pods: Arc::clone(&pods),
         }));
+        let health = Arc::<Mutex<Health>>::default();
+        registry.register_collector(Box::new(HealthCollector {
+            agent: Arc::clone(&agent),
+            health: Arc::clone(&health),
+        }));
+        let sync = SyncMetrics::default();
+        registry.register_collector(Box::new(SyncCollector {
+            agent: Arc::clone(&agent),
+            sync: sync.clone(),
+        }));
         Self {
             registry,
             agent,
             pods,
+            health,
+            sync,
+            rejections: OnceLock::new(),
             scrape: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The sync metrics this endpoint serves, for the agent to update as it syncs.
+    #[must_use]
+    pub fn sync_metrics(&self) -> SyncMetrics {
+        self.sync.clone()
+    }
+
+    /// Reads the source's rejections at each scrape too: a bad manifest that changes nothing
+    /// in the desired state starts no sync, yet `rejected_object` must count it. Later calls
+    /// change nothing.
+    pub fn watch_rejections(&self, rejections: impl Fn() -> Vec<String> + Send + Sync + 'static) {
+        let _ = self.rejections.set(Box::new(rejections));
     }
 
     /// Attaches the agent after its first full sync: from now on `/readyz` answers 200 and
@@ -115,14 +308,21 @@ impl Endpoint {
     /// The `OpenMetrics` text of a scrape, `# EOF` included.
     pub async fn render(&self) -> Result<String, fmt::Error> {
         let _one_at_a_time = self.scrape.lock().await;
-        let pods = match self.agent.get() {
-            Some(agent) => agent.pods().await,
-            None => Vec::new(),
+        let (pods, health) = match self.agent.get() {
+            Some(agent) => (agent.pods().await, agent.health().await),
+            None => (Vec::new(), Health::default()),
         };
         *self
             .pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
+        *self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = health;
+        if let Some(rejections) = self.rejections.get() {
+            self.sync.rejections(rejections());
+        }
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
@@ -379,15 +579,176 @@ impl Collector for PodCollector {
     }
 }
 
+/// Map fill and attach status, from the health read at the start of the scrape.
+struct HealthCollector {
+    agent: Attached,
+    health: Arc<Mutex<Health>>,
+}
+
+impl fmt::Debug for HealthCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthCollector").finish_non_exhaustive()
+    }
+}
+
+/// A gauge family of one series per map.
+fn encode_maps(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    maps: &[MapFill],
+    value: fn(&MapFill) -> u32,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for map in maps {
+        family
+            .encode_family(&[("map", map.name)])?
+            .encode_gauge(&u64::from(value(map)))?;
+    }
+    Ok(())
+}
+
+/// A gauge family of one series without labels.
+fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // Before the first sync nothing is known: the families are absent, not empty.
+        if self.agent.get().is_none() {
+            return Ok(());
+        }
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        encode_maps(
+            &mut encoder,
+            "map_capacity",
+            "Capacity (max entries) of each pinned BPF map.",
+            &health.maps,
+            |m| m.capacity,
+        )?;
+        encode_maps(
+            &mut encoder,
+            "map_entries",
+            "Entries in each pinned BPF map now, counted by walking its keys (an array always \
+             has its capacity; a map changing meanwhile gives an approximate count).",
+            &health.maps,
+            |m| m.entries,
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "program_attached",
+            "Whether each socket-level load balancing program is attached to its cgroup (1) \
+             or not (0); the per-pod tc programs are ferrovia_pods_attached.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for program in SOCKET_PROGRAMS {
+            family
+                .encode_family(&[("program", program), ("hook", "cgroup")])?
+                .encode_gauge(&u64::from(health.socket_lb))?;
+        }
+        encode_gauge(
+            &mut encoder,
+            "pods",
+            "Pods registered by the CNI plugin on this node.",
+            health.pods,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "pods_attached",
+            "Registered pods whose from_pod and to_pod programs are confirmed attached to \
+             their interface (what a CNI CHECK asks).",
+            health.pods_attached,
+        )
+    }
+}
+
+/// The sync metrics; absent before the first sync, as the agent's other families.
+struct SyncCollector {
+    agent: Attached,
+    sync: SyncMetrics,
+}
+
+impl fmt::Debug for SyncCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for SyncCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        if self.agent.get().is_none() {
+            return Ok(());
+        }
+        let histograms = [
+            (
+                "sync_duration",
+                "Time to write the maps from the desired state and the pods, per sync (a \
+                 desired-state change, a pod's registration or removal, ferrovia sync).",
+                Some(&Unit::Seconds),
+                &self.sync.duration,
+            ),
+            (
+                "sync_latency",
+                "Time from a desired-state change reaching the node (after the manifests \
+                 watcher's debounce) to the maps reflecting it, waiting for the node included.",
+                Some(&Unit::Seconds),
+                &self.sync.latency,
+            ),
+        ];
+        for (name, help, unit, histogram) in histograms {
+            histogram.encode(encoder.encode_descriptor(
+                name,
+                help,
+                unit,
+                MetricType::Histogram,
+            )?)?;
+        }
+        // Every kind has its series from the start, so a rate over it is defined.
+        let mut family = encoder.encode_descriptor(
+            "sync_errors",
+            "Syncs that left part of the desired state unwritten, by kind (a frontend per \
+             frontend, the policy once), and objects the source rejected (once each, when they \
+             appear).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, counter) in SyncError::ALL.iter().zip(&self.sync.errors) {
+            family
+                .encode_family(&[("kind", kind.label())])?
+                .encode_counter::<NoLabelSet, _, u64>(&counter.get(), None)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt as _;
 
     use super::*;
 
-    struct Fake(Vec<&'static str>, Vec<PodMetrics>);
+    struct Fake(Vec<&'static str>, Vec<PodMetrics>, Health);
+
+    impl Fake {
+        fn new(degraded: Vec<&'static str>, pods: Vec<PodMetrics>) -> Self {
+            Self(degraded, pods, Health::default())
+        }
+    }
 
     impl MetricsSource for Fake {
         fn degraded(&self) -> Vec<String> {
@@ -396,6 +757,10 @@ mod tests {
 
         fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>> {
             Box::pin(std::future::ready(self.1.clone()))
+        }
+
+        fn health(&self) -> Pin<Box<dyn Future<Output = Health> + Send + '_>> {
+            Box::pin(std::future::ready(self.2.clone()))
         }
     }
 
@@ -426,10 +791,114 @@ mod tests {
         on this kernel, by hook or feature (ferrovia status says what and why).\n\
         # TYPE ferrovia_datapath_degraded gauge\n";
 
+    const MAP_CAPACITY_HEAD: &str = "\
+        # HELP ferrovia_map_capacity Capacity (max entries) of each pinned BPF map.\n\
+        # TYPE ferrovia_map_capacity gauge\n";
+
+    const MAP_ENTRIES_HEAD: &str = "\
+        # HELP ferrovia_map_entries Entries in each pinned BPF map now, counted by walking its keys (an array always has its capacity; a map changing meanwhile gives an approximate count).\n\
+        # TYPE ferrovia_map_entries gauge\n";
+
+    const ATTACHED_HEAD: &str = "\
+        # HELP ferrovia_program_attached Whether each socket-level load balancing program is attached to its cgroup (1) or not (0); the per-pod tc programs are ferrovia_pods_attached.\n\
+        # TYPE ferrovia_program_attached gauge\n";
+
+    const PODS_HEAD: &str = "\
+        # HELP ferrovia_pods Pods registered by the CNI plugin on this node.\n\
+        # TYPE ferrovia_pods gauge\n";
+
+    const PODS_ATTACHED_HEAD: &str = "\
+        # HELP ferrovia_pods_attached Registered pods whose from_pod and to_pod programs are confirmed attached to their interface (what a CNI CHECK asks).\n\
+        # TYPE ferrovia_pods_attached gauge\n";
+
+    /// The health families of a data path without maps, socket hooks or pods.
+    fn no_health() -> String {
+        format!(
+            "{MAP_CAPACITY_HEAD}{MAP_ENTRIES_HEAD}{ATTACHED_HEAD}\
+             ferrovia_program_attached{{program=\"sock4_connect\",hook=\"cgroup\"}} 0\n\
+             ferrovia_program_attached{{program=\"sock4_sendmsg\",hook=\"cgroup\"}} 0\n\
+             ferrovia_program_attached{{program=\"sock4_recvmsg\",hook=\"cgroup\"}} 0\n\
+             ferrovia_program_attached{{program=\"sock4_getpeer\",hook=\"cgroup\"}} 0\n\
+             {PODS_HEAD}ferrovia_pods 0\n{PODS_ATTACHED_HEAD}ferrovia_pods_attached 0\n"
+        )
+    }
+
+    const BUCKETS: [&str; 9] = [
+        "0.0005", "0.002", "0.008", "0.032", "0.128", "0.512", "2.048", "8.192", "+Inf",
+    ];
+
+    /// A histogram's samples: `(sum, count, cumulative count per bucket of BUCKETS)`.
+    fn histogram(name: &str, help: &str, sum: &str, count: u64, buckets: [u64; 9]) -> String {
+        let mut text = format!(
+            "# HELP {name} {help}\n# TYPE {name} histogram\n# UNIT {name} seconds\n\
+             {name}_sum {sum}\n{name}_count {count}\n"
+        );
+        for (le, n) in BUCKETS.iter().zip(buckets) {
+            let _ = writeln!(text, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        text
+    }
+
+    const DURATION_HELP: &str = "Time to write the maps from the desired state and the pods, \
+        per sync (a desired-state change, a pod's registration or removal, ferrovia sync).";
+    const LATENCY_HELP: &str = "Time from a desired-state change reaching the node (after the \
+        manifests watcher's debounce) to the maps reflecting it, waiting for the node included.";
+
+    const ERRORS_HEAD: &str = "\
+        # HELP ferrovia_sync_errors Syncs that left part of the desired state unwritten, by kind (a frontend per frontend, the policy once), and objects the source rejected (once each, when they appear).\n\
+        # TYPE ferrovia_sync_errors counter\n";
+
+    /// The sync families after `duration` syncs, `latency` observed changes and `errors`
+    /// errors per kind, in `SyncError::ALL`'s order; every observation 3 ms.
+    fn sync_text(duration: u64, latency: u64, errors: [u64; 6]) -> String {
+        let three_ms = |n: u64| [0, 0, n, n, n, n, n, n, n];
+        let sum = |n: u64| {
+            if n == 0 {
+                "0.0".to_owned()
+            } else {
+                format!("{}", 0.003 * n as f64)
+            }
+        };
+        let mut text = histogram(
+            "ferrovia_sync_duration_seconds",
+            DURATION_HELP,
+            &sum(duration),
+            duration,
+            three_ms(duration),
+        );
+        text.push_str(&histogram(
+            "ferrovia_sync_latency_seconds",
+            LATENCY_HELP,
+            &sum(latency),
+            latency,
+            three_ms(latency),
+        ));
+        text.push_str(ERRORS_HEAD);
+        for (kind, n) in [
+            "frontend_map_full",
+            "frontend_write",
+            "frontend_too_many_backends",
+            "policy_map_full",
+            "policy_write",
+            "rejected_object",
+        ]
+        .into_iter()
+        .zip(errors)
+        {
+            let _ = writeln!(text, "ferrovia_sync_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        text
+    }
+
+    /// Every family after the pods' of an agent with no health and no syncs yet.
+    fn quiet_rest() -> String {
+        format!("{}{}", no_health(), sync_text(0, 0, [0; 6]))
+    }
+
     #[tokio::test]
     async fn degradations_are_one_series_per_hook() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(
+        endpoint.ready(Arc::new(Fake::new(
             vec![
                 "sock4_sendmsg: an unconnected UDP send to a service without endpoints fails with \
              EPERM (no bpf_set_retval: Linux 5.18+); verifier said: a: b",
@@ -444,7 +913,8 @@ mod tests {
                 "{BUILD}{DEGRADED_HEAD}\
                  ferrovia_datapath_degraded{{feature=\"sock4_connect\"}} 1\n\
                  ferrovia_datapath_degraded{{feature=\"sock4_sendmsg\"}} 1\n\
-                 {POD_HEADS}# EOF\n"
+                 {POD_HEADS}{}# EOF\n",
+                quiet_rest()
             )
         );
     }
@@ -452,17 +922,17 @@ mod tests {
     #[tokio::test]
     async fn a_kernel_without_degradations_exports_the_family_without_series() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![], vec![])));
+        endpoint.ready(Arc::new(Fake::new(vec![], vec![])));
         assert_eq!(
             endpoint.render().await.expect("renders"),
-            format!("{BUILD}{DEGRADED_HEAD}{POD_HEADS}# EOF\n")
+            format!("{BUILD}{DEGRADED_HEAD}{POD_HEADS}{}# EOF\n", quiet_rest())
         );
     }
 
     #[tokio::test]
     async fn two_degradations_of_one_hook_share_its_series() {
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(
+        endpoint.ready(Arc::new(Fake::new(
             vec!["sock4_connect: one", "sock4_connect: two", "odd"],
             vec![],
         )));
@@ -496,7 +966,7 @@ mod tests {
             .collect(),
         };
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![], vec![pod])));
+        endpoint.ready(Arc::new(Fake::new(vec![], vec![pod])));
         let text = endpoint.render().await.expect("renders");
         let labels = |dir: &str| format!("namespace=\"shop\",pod=\"server\",direction=\"{dir}\"");
         for line in [
@@ -537,6 +1007,104 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn map_fill_and_attach_status_are_exported_per_map_and_program() {
+        let health = Health {
+            maps: vec![
+                MapFill {
+                    name: "SERVICES",
+                    capacity: 1024,
+                    entries: 3,
+                },
+                MapFill {
+                    name: "COUNTERS",
+                    capacity: 16,
+                    entries: 16,
+                },
+            ],
+            socket_lb: true,
+            pods: 2,
+            pods_attached: 1,
+        };
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(Fake(vec![], vec![], health)));
+        assert_eq!(
+            endpoint.render().await.expect("renders"),
+            format!(
+                "{BUILD}{DEGRADED_HEAD}{POD_HEADS}\
+                 {MAP_CAPACITY_HEAD}\
+                 ferrovia_map_capacity{{map=\"SERVICES\"}} 1024\n\
+                 ferrovia_map_capacity{{map=\"COUNTERS\"}} 16\n\
+                 {MAP_ENTRIES_HEAD}\
+                 ferrovia_map_entries{{map=\"SERVICES\"}} 3\n\
+                 ferrovia_map_entries{{map=\"COUNTERS\"}} 16\n\
+                 {ATTACHED_HEAD}\
+                 ferrovia_program_attached{{program=\"sock4_connect\",hook=\"cgroup\"}} 1\n\
+                 ferrovia_program_attached{{program=\"sock4_sendmsg\",hook=\"cgroup\"}} 1\n\
+                 ferrovia_program_attached{{program=\"sock4_recvmsg\",hook=\"cgroup\"}} 1\n\
+                 ferrovia_program_attached{{program=\"sock4_getpeer\",hook=\"cgroup\"}} 1\n\
+                 {PODS_HEAD}ferrovia_pods 2\n{PODS_ATTACHED_HEAD}ferrovia_pods_attached 1\n\
+                 {}# EOF\n",
+                sync_text(0, 0, [0; 6])
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn syncs_fill_the_histograms_and_errors_count_by_kind() {
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(Fake::new(vec![], vec![])));
+        let sync = endpoint.sync_metrics();
+        for _ in 0..3 {
+            sync.synced(Duration::from_millis(3));
+        }
+        sync.reflected(Duration::from_millis(3));
+        sync.failed(SyncError::FrontendMapFull);
+        sync.failed(SyncError::PolicyWrite);
+        sync.failed(SyncError::PolicyWrite);
+        assert_eq!(
+            endpoint.render().await.expect("renders"),
+            format!(
+                "{BUILD}{DEGRADED_HEAD}{POD_HEADS}{}{}# EOF\n",
+                no_health(),
+                sync_text(3, 1, [1, 0, 0, 0, 2, 0])
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejection_counts_once_when_it_appears() {
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(Fake::new(vec![], vec![])));
+        let lines = Arc::new(Mutex::new(vec!["a.yaml: bad".to_owned()]));
+        let sync = endpoint.sync_metrics();
+        // Seen by a sync, then by the scrape: once.
+        sync.rejections(lines.lock().unwrap().clone());
+        endpoint.watch_rejections({
+            let lines = Arc::clone(&lines);
+            move || lines.lock().unwrap().clone()
+        });
+        let rejected = |text: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("ferrovia_sync_errors_total{kind=\"rejected_object\"} ")
+                })
+                .map(str::to_owned)
+        };
+        let text = endpoint.render().await.expect("renders");
+        assert_eq!(rejected(&text).as_deref(), Some("1"), "{text}");
+        // A second rejection appears and the first stays: one more.
+        lines.lock().unwrap().push("b.yaml: worse".to_owned());
+        let text = endpoint.render().await.expect("renders");
+        assert_eq!(rejected(&text).as_deref(), Some("2"), "{text}");
+        // Fixed, then broken again: it appears again.
+        lines.lock().unwrap().clear();
+        let _ = endpoint.render().await.expect("renders");
+        lines.lock().unwrap().push("a.yaml: bad".to_owned());
+        let text = endpoint.render().await.expect("renders");
+        assert_eq!(rejected(&text).as_deref(), Some("3"), "{text}");
+    }
+
+    #[tokio::test]
     async fn before_the_first_sync_only_the_build_is_known() {
         assert_eq!(
             Endpoint::new().render().await.expect("renders"),
@@ -574,7 +1142,7 @@ mod tests {
             get(&endpoint, "/readyz").await.0,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        endpoint.ready(Arc::new(Fake(vec![], vec![])));
+        endpoint.ready(Arc::new(Fake::new(vec![], vec![])));
         assert_eq!(get(&endpoint, "/readyz").await.0, StatusCode::OK);
         let (status, content_type, body) = get(&endpoint, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use crate::{
     api::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState},
     datapath::{AttachedInterface, Datapath},
+    metrics::SyncMetrics,
     model::{self, ClusterState, ObjRef, PodIps},
 };
 
@@ -43,6 +44,8 @@ struct Inner {
     datapath: Datapath,
     pods: BTreeMap<String, PodRecord>,
     state: Arc<ClusterState>,
+    /// Updated at each sync, when the agent serves metrics.
+    metrics: Option<SyncMetrics>,
 }
 
 /// Re-reads the desired-state source now: the snapshot and the source's rejections, one
@@ -61,12 +64,14 @@ pub struct Node {
 
 impl Node {
     /// Takes over a loaded data path, re-attaching this run's programs to the pods a
-    /// previous run registered (pods whose interface is gone are forgotten).
+    /// previous run registered (pods whose interface is gone are forgotten). `metrics`, when
+    /// given, are updated at each sync.
     pub fn new(
         name: String,
         state_dir: &Path,
         mut datapath: Datapath,
         reload: Reload,
+        metrics: Option<SyncMetrics>,
     ) -> Result<Self> {
         let (state, _) = reload();
         fs::create_dir_all(state_dir)
@@ -108,16 +113,22 @@ impl Node {
                 datapath,
                 pods,
                 state,
+                metrics,
             }),
         };
         Ok(node)
     }
 
-    /// Replaces the desired state and writes the maps.
+    /// Replaces the desired state and writes the maps. The sync latency is measured from
+    /// this call, waiting for the node's lock included.
     pub async fn set_state(&self, state: Arc<ClusterState>) {
+        let noticed = Instant::now();
         let mut inner = self.inner.lock().await;
         inner.state = state;
         Self::resync(&mut inner);
+        if let Some(metrics) = &inner.metrics {
+            metrics.reflected(noticed.elapsed());
+        }
     }
 
     /// Writes the maps from the current state and pods.
@@ -143,8 +154,15 @@ impl Node {
         let (report, errors) = inner.datapath.sync(&desired);
         for error in &errors {
             tracing::error!("data path kept the previous state: {error}");
+            if let Some(metrics) = &inner.metrics {
+                metrics.failed(error.into());
+            }
         }
-        match inner.datapath.sync_policy(&policy) {
+        let policy_report = inner.datapath.sync_policy(&policy);
+        if let (Err(error), Some(metrics)) = (&policy_report, &inner.metrics) {
+            metrics.failed(error.into());
+        }
+        match policy_report {
             Ok(r) if r.changed() => tracing::info!(
                 policies = policy.policies_in_force,
                 isolated_pods = policy.endpoints.len(),
@@ -168,6 +186,9 @@ impl Node {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "maps synced"
             );
+        }
+        if let Some(metrics) = &inner.metrics {
+            metrics.synced(started.elapsed());
         }
     }
 
@@ -296,6 +317,56 @@ impl crate::metrics::MetricsSource for Node {
             pod_metrics(&inner)
         })
     }
+
+    /// Attach status under the node's lock (a netlink dump per pod and direction on kernels
+    /// without TCX, as CNI CHECK does); the maps' keys are walked after, without the lock.
+    fn health(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = crate::metrics::Health> + Send + '_>> {
+        Box::pin(async move {
+            let (root, mut health) = {
+                let inner = self.inner.lock().await;
+                let attached = inner
+                    .pods
+                    .values()
+                    .filter(|p| inner.datapath.is_attached(&p.iface))
+                    .count();
+                let health = crate::metrics::Health {
+                    maps: Vec::new(),
+                    socket_lb: inner.datapath.socket_lb(),
+                    pods: inner.pods.len() as u64,
+                    pods_attached: attached as u64,
+                };
+                (inner.datapath.bpffs_root().to_path_buf(), health)
+            };
+            health.maps = tokio::task::spawn_blocking(move || map_fill(&root))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("reading the maps' fill: {e}");
+                    Vec::new()
+                });
+            health
+        })
+    }
+}
+
+/// Every pinned map's capacity and entries; a map that cannot be read is logged and left out.
+/// Blocking: one syscall per entry (the conntrack maps' walk dominates when they are full).
+fn map_fill(bpffs_root: &Path) -> Vec<crate::metrics::MapFill> {
+    crate::datapath::inventory::pinned_maps(bpffs_root)
+        .into_iter()
+        .filter_map(|map| match map.stats {
+            Ok(stats) => Some(crate::metrics::MapFill {
+                name: map.name,
+                capacity: stats.max_entries,
+                entries: stats.entries,
+            }),
+            Err(e) => {
+                tracing::warn!(map = map.name, "reading the map's fill: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Every registered pod's counters from the data path's maps (one walk of each map). A pod

@@ -1,7 +1,11 @@
 //! `ferrovia-agent`: the per-node daemon. Loads and pins the BPF data path, watches the
 //! desired state, keeps the maps in sync, and serves the API on a unix socket (and, when
 //! asked, metrics and probes over HTTP).
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{ArgAction, Parser};
@@ -9,7 +13,7 @@ use ferrovia_agent::{
     api,
     datapath::{Datapath, DatapathConfig, MapSizes},
     metrics,
-    node::Node,
+    node::{Node, Reload},
     source::{ManifestsSource, StateSource as _},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -80,6 +84,35 @@ fn cgroup2_root() -> Result<PathBuf> {
         )
 }
 
+/// The manifests source, the node's reload of it (new rejections counted in `sync`), and
+/// what it rejects now, one line each.
+fn manifests(
+    dir: &Path,
+    sync: &metrics::SyncMetrics,
+) -> (
+    Arc<ManifestsSource>,
+    Reload,
+    impl Fn() -> Vec<String> + Clone + Send + Sync + 'static,
+) {
+    let source = Arc::new(ManifestsSource::new(dir));
+    let rejections = {
+        let source = Arc::clone(&source);
+        move || -> Vec<String> { source.errors().iter().map(ToString::to_string).collect() }
+    };
+    let reload: Reload = {
+        let source = Arc::clone(&source);
+        let rejections = rejections.clone();
+        let sync = sync.clone();
+        Box::new(move || {
+            let state = source.reload();
+            let errors = rejections();
+            sync.rejections(errors.clone());
+            (state, errors)
+        })
+    };
+    (source, reload, rejections)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     // Colours only on a terminal: a DaemonSet's log or a file gets plain text.
@@ -130,25 +163,21 @@ async fn main() -> Result<()> {
         network_policy: args.network_policy,
     })?;
 
-    let source = Arc::new(ManifestsSource::new(&args.manifests));
-    let reload = {
-        let source = Arc::clone(&source);
-        Box::new(move || {
-            let state = source.reload();
-            let errors = source.errors().iter().map(ToString::to_string).collect();
-            (state, errors)
-        })
-    };
+    let sync_metrics = endpoint.sync_metrics();
+    let (source, reload, rejections) = manifests(&args.manifests, &sync_metrics);
     let node = Arc::new(Node::new(
         args.node_name.clone(),
         &args.state_dir,
         datapath,
         reload,
+        Some(sync_metrics.clone()),
     )?);
     // The first full sync happens before the API socket exists: its presence means ready,
     // and so does /readyz.
     node.resync_now().await;
     endpoint.ready(Arc::clone(&node) as Arc<dyn metrics::MetricsSource>);
+    // A rejection that changes nothing in the desired state starts no sync: scrapes see it.
+    endpoint.watch_rejections(rejections.clone());
 
     let (tx, mut rx) = tokio::sync::watch::channel(source.state());
     let watcher = {
@@ -179,6 +208,7 @@ async fn main() -> Result<()> {
                     anyhow::bail!("the manifests watcher stopped: {outcome:?}");
                 }
                 let state = rx.borrow_and_update().clone();
+                sync_metrics.rejections(rejections());
                 node.set_state(state).await;
             }
             _ = term.recv() => break,

@@ -665,30 +665,39 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
         .with_context(|| format!("program {name} missing from the BPF object"))
 }
 
+/// A frontend's `SERVICES` key (slot 0); `None` for an IPv6 one (no IPv6 data path yet).
+#[must_use]
+pub fn service_key(key: &crate::model::FrontendKey) -> Option<ServiceKey> {
+    if key.vip.is_ipv6() {
+        return None;
+    }
+    let (addr, family) = addr::encode(key.vip);
+    let proto = match key.protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    };
+    Some(ServiceKey {
+        addr,
+        port: key.port.to_be(),
+        proto,
+        family,
+        slot: 0,
+        _pad: 0,
+    })
+}
+
 /// The model's frontends as map entries. IPv6 frontends are skipped (and logged): the
 /// IPv6 programs do not exist yet, and entries nothing reads would only mislead.
 #[must_use]
 pub fn frontend_specs(desired: &Desired) -> Vec<FrontendSpec> {
     let mut out = Vec::with_capacity(desired.frontends.len());
     for (key, frontend) in &desired.frontends {
-        if key.vip.is_ipv6() {
+        let Some(service_key) = service_key(key) else {
             tracing::debug!(vip = %key.vip, "IPv6 frontend skipped: no IPv6 data path yet");
             continue;
-        }
-        let (addr, family) = addr::encode(key.vip);
-        let proto = match key.protocol {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
         };
         out.push(FrontendSpec {
-            key: ServiceKey {
-                addr,
-                port: key.port.to_be(),
-                proto,
-                family,
-                slot: 0,
-                _pad: 0,
-            },
+            key: service_key,
             flags: if frontend.affinity_timeout_s.is_some() {
                 SVC_FLAG_AFFINITY
             } else {
