@@ -34,6 +34,9 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+mod services;
+pub use services::ServiceMetrics;
+
 /// The content type of `/metrics` (`OpenMetrics` 1.0 text).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -48,6 +51,9 @@ pub trait MetricsSource: Send + Sync + 'static {
 
     /// The data path's health now: its maps' fill and what is attached.
     fn health(&self) -> Pin<Box<dyn Future<Output = Health> + Send + '_>>;
+
+    /// Every service port's counters and endpoints now.
+    fn services(&self) -> Pin<Box<dyn Future<Output = Vec<ServiceMetrics>> + Send + '_>>;
 }
 
 /// The data path's health at a scrape.
@@ -226,6 +232,8 @@ pub struct Endpoint {
     pods: Arc<Mutex<Vec<PodMetrics>>>,
     /// The data path's health of the scrape in progress, read with the pods.
     health: Arc<Mutex<Health>>,
+    /// The service ports' counters of the scrape in progress.
+    services: Arc<Mutex<Vec<ServiceMetrics>>>,
     sync: SyncMetrics,
     rejections: OnceLock<Rejections>,
     /// One scrape at a time: each encodes the pods it read.
@@ -259,6 +267,11 @@ impl Endpoint {
             agent: Arc::clone(&agent),
             pods: Arc::clone(&pods),
         }));
+        let services = Arc::<Mutex<Vec<ServiceMetrics>>>::default();
+        registry.register_collector(Box::new(services::ServiceCollector {
+            agent: Arc::clone(&agent),
+            services: Arc::clone(&services),
+        }));
         let health = Arc::<Mutex<Health>>::default();
         registry.register_collector(Box::new(HealthCollector {
             agent: Arc::clone(&agent),
@@ -274,6 +287,7 @@ impl Endpoint {
             agent,
             pods,
             health,
+            services,
             sync,
             rejections: OnceLock::new(),
             scrape: tokio::sync::Mutex::new(()),
@@ -308,10 +322,18 @@ impl Endpoint {
     /// The `OpenMetrics` text of a scrape, `# EOF` included.
     pub async fn render(&self) -> Result<String, fmt::Error> {
         let _one_at_a_time = self.scrape.lock().await;
-        let (pods, health) = match self.agent.get() {
-            Some(agent) => (agent.pods().await, agent.health().await),
-            None => (Vec::new(), Health::default()),
+        let (pods, health, services) = match self.agent.get() {
+            Some(agent) => (
+                agent.pods().await,
+                agent.health().await,
+                agent.services().await,
+            ),
+            None => (Vec::new(), Health::default(), Vec::new()),
         };
+        *self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = services;
         *self
             .pods
             .lock()
@@ -742,11 +764,16 @@ mod tests {
 
     use super::*;
 
-    struct Fake(Vec<&'static str>, Vec<PodMetrics>, Health);
+    struct Fake(
+        Vec<&'static str>,
+        Vec<PodMetrics>,
+        Health,
+        Vec<ServiceMetrics>,
+    );
 
     impl Fake {
         fn new(degraded: Vec<&'static str>, pods: Vec<PodMetrics>) -> Self {
-            Self(degraded, pods, Health::default())
+            Self(degraded, pods, Health::default(), Vec::new())
         }
     }
 
@@ -757,6 +784,10 @@ mod tests {
 
         fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>> {
             Box::pin(std::future::ready(self.1.clone()))
+        }
+
+        fn services(&self) -> Pin<Box<dyn Future<Output = Vec<ServiceMetrics>> + Send + '_>> {
+            Box::pin(std::future::ready(self.3.clone()))
         }
 
         fn health(&self) -> Pin<Box<dyn Future<Output = Health> + Send + '_>> {
@@ -772,7 +803,7 @@ mod tests {
         "\"} 1\n",
     );
 
-    /// The per-pod families without series (no pod registered).
+    /// The per-pod and per-service families without series (no pod, no service).
     const POD_HEADS: &str = "\
         # HELP ferrovia_pod_packets Packets to (ingress) and from (egress) the pod, dropped ones included.\n\
         # TYPE ferrovia_pod_packets counter\n\
@@ -785,7 +816,13 @@ mod tests {
         # HELP ferrovia_pod_drops Packets to or from the pod the data path dropped, by reason (no_endpoints: answered with a TCP reset or ICMP unreachable).\n\
         # TYPE ferrovia_pod_drops counter\n\
         # HELP ferrovia_pod_policy_verdicts NetworkPolicy verdicts on packets to (ingress) and from (egress) the pod, by verdict and reason; only verdicts that happened have series.\n\
-        # TYPE ferrovia_pod_policy_verdicts counter\n";
+        # TYPE ferrovia_pod_policy_verdicts counter\n\
+        # HELP ferrovia_service_connections New connections to the service port given a backend (backend selections), by the socket hooks or the per-packet path.\n\
+        # TYPE ferrovia_service_connections counter\n\
+        # HELP ferrovia_service_rejected_connections Connections to the service port refused because it had no endpoint.\n\
+        # TYPE ferrovia_service_rejected_connections counter\n\
+        # HELP ferrovia_service_endpoints Endpoints of the service port by condition (EndpointSlice ready, serving, terminating).\n\
+        # TYPE ferrovia_service_endpoints gauge\n";
 
     const DEGRADED_HEAD: &str = "# HELP ferrovia_datapath_degraded Degradations of the data path \
         on this kernel, by hook or feature (ferrovia status says what and why).\n\
@@ -1026,7 +1063,7 @@ mod tests {
             pods_attached: 1,
         };
         let endpoint = Endpoint::new();
-        endpoint.ready(Arc::new(Fake(vec![], vec![], health)));
+        endpoint.ready(Arc::new(Fake(vec![], vec![], health, vec![])));
         assert_eq!(
             endpoint.render().await.expect("renders"),
             format!(
@@ -1102,6 +1139,42 @@ mod tests {
         lines.lock().unwrap().push("a.yaml: bad".to_owned());
         let text = endpoint.render().await.expect("renders");
         assert_eq!(rejected(&text).as_deref(), Some("3"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn service_ports_have_connection_counters_and_endpoints_by_condition() {
+        let mut fake = Fake::new(vec![], vec![]);
+        fake.3 = vec![ServiceMetrics {
+            namespace: "shop".into(),
+            service: "web".into(),
+            port: "http".into(),
+            connections: 5,
+            rejected: 1,
+            ready: 2,
+            serving: 3,
+            terminating: 1,
+        }];
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(fake));
+        let text = endpoint.render().await.expect("renders");
+        let port = "namespace=\"shop\",service=\"web\",port=\"http\"";
+        let expected = format!(
+            "# HELP ferrovia_service_connections New connections to the service port given a \
+             backend (backend selections), by the socket hooks or the per-packet path.\n\
+             # TYPE ferrovia_service_connections counter\n\
+             ferrovia_service_connections_total{{{port}}} 5\n\
+             # HELP ferrovia_service_rejected_connections Connections to the service port \
+             refused because it had no endpoint.\n\
+             # TYPE ferrovia_service_rejected_connections counter\n\
+             ferrovia_service_rejected_connections_total{{{port}}} 1\n\
+             # HELP ferrovia_service_endpoints Endpoints of the service port by condition \
+             (EndpointSlice ready, serving, terminating).\n\
+             # TYPE ferrovia_service_endpoints gauge\n\
+             ferrovia_service_endpoints{{{port},condition=\"ready\"}} 2\n\
+             ferrovia_service_endpoints{{{port},condition=\"serving\"}} 3\n\
+             ferrovia_service_endpoints{{{port},condition=\"terminating\"}} 1\n"
+        );
+        assert!(text.contains(&expected), "{text}");
     }
 
     #[tokio::test]

@@ -318,6 +318,13 @@ impl crate::metrics::MetricsSource for Node {
         })
     }
 
+    fn services(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<crate::metrics::ServiceMetrics>> + Send + '_>>
+    {
+        Box::pin(self.service_metrics())
+    }
+
     /// Attach status under the node's lock (a netlink dump per pod and direction on kernels
     /// without TCX, as CNI CHECK does); the maps' keys are walked after, without the lock.
     fn health(

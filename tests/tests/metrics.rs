@@ -43,7 +43,25 @@ spec:
   ingress:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.77.10
+  selector: {app: server}
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec:
+  clusterIP: 10.96.77.11
+  selector: {app: nobody}
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
 ";
+const WEB: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 77, 10), 80));
+const EMPTY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 77, 11), 80));
 
 /// Counters by (family, pod, and the other labels as `k=v` joined with `,`).
 type Counters = BTreeMap<(String, String, String), f64>;
@@ -70,6 +88,75 @@ fn scrape(agent: &Agent) -> (Counters, String) {
         out.insert((family, s.labels["pod"].clone(), others.join(",")), s.value);
     }
     (out, reply.body)
+}
+
+/// Every sample of a scrape by `name{label=value,...}` (labels sorted).
+fn samples(agent: &Agent) -> (BTreeMap<String, f64>, String) {
+    let reply = agent.http_get("/metrics").expect("GET /metrics");
+    let exposition = openmetrics::parse(&reply.body)
+        .unwrap_or_else(|e| panic!("/metrics is not OpenMetrics text: {e:#}\n{}", reply.body));
+    let out = exposition
+        .samples
+        .iter()
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            (format!("{}{{{}}}", s.name, labels.join(",")), s.value)
+        })
+        .collect();
+    (out, reply.body)
+}
+
+/// Per service port: connections through the VIP counted once, where translated (the socket
+/// hooks here); refusals of a port without endpoints; endpoints by condition.
+#[allow(clippy::float_cmp)] // counter values are small integers, exact in f64
+fn assert_service_counters(shop: &Shop) {
+    let (before, _) = samples(&shop.agent);
+    let ok = shop
+        .client
+        .probe(&ProbeSpec::tcp(WEB).count(3))
+        .expect("probe");
+    assert!(ok.iter().all(|r| r.ok), "{ok:?}");
+    let refused = shop
+        .client
+        .probe(&ProbeSpec::tcp(EMPTY).count(2))
+        .expect("probe");
+    assert!(refused.iter().all(|r| !r.ok), "{refused:?}");
+    let (after, body) = samples(&shop.agent);
+    let port = |svc: &str| format!("namespace=shop,port=http,service={svc}");
+    let delta = |name: &str, svc: &str| {
+        let key = format!("{name}{{{}}}", port(svc));
+        let a = after
+            .get(&key)
+            .unwrap_or_else(|| panic!("no {key}\n{body}"));
+        a - before.get(&key).copied().unwrap_or(0.0)
+    };
+    let got = [
+        delta("ferrovia_service_connections_total", "web"),
+        delta("ferrovia_service_rejected_connections_total", "web"),
+        delta("ferrovia_service_connections_total", "empty"),
+        delta("ferrovia_service_rejected_connections_total", "empty"),
+    ];
+    assert_eq!(
+        got,
+        [3.0, 0.0, 0.0, 2.0],
+        "web +conn, +rejected; empty the same\n{body}"
+    );
+    let endpoints = |svc: &str, condition: &str| {
+        after[&format!(
+            "ferrovia_service_endpoints{{condition={condition},{}}}",
+            port(svc)
+        )]
+    };
+    assert_eq!(
+        [
+            endpoints("web", "ready"),
+            endpoints("web", "serving"),
+            endpoints("web", "terminating"),
+            endpoints("empty", "ready"),
+        ],
+        [1.0, 1.0, 0.0, 0.0],
+        "{body}"
+    );
 }
 
 /// `ferrovia pods -o json`, by pod name.
@@ -315,6 +402,8 @@ fn pod_counters_in_metrics_match_the_traffic_driven() {
         d("ferrovia_pod_packets", "server", "direction=ingress"),
         "the CLI and /metrics read the same counters"
     );
+
+    assert_service_counters(&shop);
 
     // A deleted pod's series disappear; the others stay.
     let Shop {

@@ -131,6 +131,10 @@ const SUITES: &[Suite] = &[
         name: "metrics",
         prepare: |root| e2e_suite(root, "metrics"),
     },
+    Suite {
+        name: "health",
+        prepare: |root| e2e_suite(root, "health_metrics"),
+    },
 ];
 
 /// QEMU from bookworm-backports: bookworm's own conflicts with the installed qemu-utils.

@@ -22,6 +22,58 @@ use crate::model::policy::selector_matches;
 use crate::model::{self, ClusterState, Desired, ObjRef, PodIps};
 
 impl Node {
+    /// Every service port's connection counters (summed over its frontends) and endpoints
+    /// by condition, for `/metrics`.
+    pub(super) async fn service_metrics(&self) -> Vec<crate::metrics::ServiceMetrics> {
+        let list = Inventory::services(self).await;
+        let ports = Inventory::endpoints(self).await;
+        let stats = self
+            .inner
+            .lock()
+            .await
+            .datapath
+            .frontend_stats()
+            .unwrap_or_else(|e| {
+                tracing::warn!("reading FRONTEND_STATS: {e:#}");
+                BTreeMap::new()
+            });
+        let mut out = BTreeMap::<(String, String, String), crate::metrics::ServiceMetrics>::new();
+        for f in &list.frontends {
+            let port = (
+                f.service.namespace.clone(),
+                f.service.name.clone(),
+                f.port_name.clone(),
+            );
+            let m = out
+                .entry(port)
+                .or_insert_with(|| crate::metrics::ServiceMetrics {
+                    namespace: f.service.namespace.clone(),
+                    service: f.service.name.clone(),
+                    port: f.port_name.clone(),
+                    ..crate::metrics::ServiceMetrics::default()
+                });
+            if let Some(s) = crate::datapath::service_key(&f.key).and_then(|k| stats.get(&k)) {
+                m.connections += s.connections;
+                m.rejected += s.rejected;
+            }
+        }
+        for p in &ports {
+            let port = (
+                p.service.namespace.clone(),
+                p.service.name.clone(),
+                p.port_name.clone(),
+            );
+            if let Some(m) = out.get_mut(&port) {
+                for (e, _) in &p.endpoints {
+                    m.ready += u64::from(e.ready);
+                    m.serving += u64::from(e.serving);
+                    m.terminating += u64::from(e.terminating);
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
     /// The desired state and the registered pods, as the last resync saw them.
     async fn snapshot(&self) -> (Arc<ClusterState>, Vec<PodRecord>) {
         let inner = self.inner.lock().await;

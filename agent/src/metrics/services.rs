@@ -1,0 +1,112 @@
+//! The per-service families: new connections and rejections per service port, counted by the
+//! programs per frontend (`FRONTEND_STATS`) and summed over a port's frontends, and the
+//! port's endpoints by condition. Labels: `namespace`, `service`, `port` (the port's name,
+//! empty when unnamed) — never an address.
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+};
+
+use super::Attached;
+
+/// One service port at a scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceMetrics {
+    pub namespace: String,
+    pub service: String,
+    /// The service port's name (`""` when unnamed).
+    pub port: String,
+    /// New connections given a backend, over all of the port's frontends (each translated
+    /// connection once, by the socket hooks or the per-packet path).
+    pub connections: u64,
+    /// Connections refused because the port had no endpoint.
+    pub rejected: u64,
+    /// The port's endpoints by condition (an endpoint may be serving and terminating).
+    pub ready: u64,
+    pub serving: u64,
+    pub terminating: u64,
+}
+
+/// Encodes the services read at the start of the scrape.
+pub(super) struct ServiceCollector {
+    pub(super) agent: Attached,
+    pub(super) services: Arc<Mutex<Vec<ServiceMetrics>>>,
+}
+
+impl fmt::Debug for ServiceCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceCollector").finish_non_exhaustive()
+    }
+}
+
+type Field = fn(&ServiceMetrics) -> u64;
+
+const COUNTERS: [(&str, &str, Field); 2] = [
+    (
+        "service_connections",
+        "New connections to the service port given a backend (backend selections), by the \
+         socket hooks or the per-packet path.",
+        |s| s.connections,
+    ),
+    (
+        "service_rejected_connections",
+        "Connections to the service port refused because it had no endpoint.",
+        |s| s.rejected,
+    ),
+];
+
+const CONDITIONS: [(&str, Field); 3] = [
+    ("ready", |s| s.ready),
+    ("serving", |s| s.serving),
+    ("terminating", |s| s.terminating),
+];
+
+impl Collector for ServiceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        if self.agent.get().is_none() {
+            return Ok(());
+        }
+        let services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let labels = |s: &'_ ServiceMetrics| {
+            [
+                ("namespace", s.namespace.clone()),
+                ("service", s.service.clone()),
+                ("port", s.port.clone()),
+            ]
+        };
+        for (name, help, field) in COUNTERS {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in services.iter() {
+                family
+                    .encode_family(&labels(s))?
+                    .encode_counter::<NoLabelSet, _, u64>(&field(s), None)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "service_endpoints",
+            "Endpoints of the service port by condition (EndpointSlice ready, serving, \
+             terminating).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in services.iter() {
+            for (condition, field) in CONDITIONS {
+                let [ns, svc, port] = labels(s);
+                let labels = [ns, svc, port, ("condition", condition.to_owned())];
+                family
+                    .encode_family(&labels)?
+                    .encode_gauge(&i64::try_from(field(s)).unwrap_or(i64::MAX))?;
+            }
+        }
+        Ok(())
+    }
+}
