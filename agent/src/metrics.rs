@@ -234,6 +234,7 @@ pub struct Endpoint {
     health: Arc<Mutex<Health>>,
     /// The service ports' counters of the scrape in progress.
     services: Arc<Mutex<Vec<ServiceMetrics>>>,
+    service_counters: services::Monotonic,
     sync: SyncMetrics,
     rejections: OnceLock<Rejections>,
     /// One scrape at a time: each encodes the pods it read.
@@ -288,6 +289,7 @@ impl Endpoint {
             pods,
             health,
             services,
+            service_counters: services::Monotonic::default(),
             sync,
             rejections: OnceLock::new(),
             scrape: tokio::sync::Mutex::new(()),
@@ -322,7 +324,7 @@ impl Endpoint {
     /// The `OpenMetrics` text of a scrape, `# EOF` included.
     pub async fn render(&self) -> Result<String, fmt::Error> {
         let _one_at_a_time = self.scrape.lock().await;
-        let (pods, health, services) = match self.agent.get() {
+        let (pods, health, mut services) = match self.agent.get() {
             Some(agent) => (
                 agent.pods().await,
                 agent.health().await,
@@ -330,6 +332,7 @@ impl Endpoint {
             ),
             None => (Vec::new(), Health::default(), Vec::new()),
         };
+        self.service_counters.adjust(&mut services);
         *self
             .services
             .lock()

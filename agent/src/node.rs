@@ -40,6 +40,21 @@ struct PodRecord {
     netns_cookie: Option<u64>,
 }
 
+impl PodRecord {
+    /// What the CNI plugin registered.
+    fn registration(&self) -> PodRegistration {
+        PodRegistration {
+            container_id: self.container_id.clone(),
+            netns: self.netns.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            ifname: self.ifname.clone(),
+            host_ifname: self.iface.ifname.clone(),
+            ips: self.ips.clone(),
+        }
+    }
+}
+
 struct Inner {
     datapath: Datapath,
     pods: BTreeMap<String, PodRecord>,
@@ -92,6 +107,11 @@ impl Node {
             match datapath.attach_pod(&pod.iface.ifname, Some(&pod.iface)) {
                 Ok(iface) => {
                     pod.iface = iface;
+                    if pod.netns_cookie.is_none() {
+                        // Registered by a version (or on a kernel path) that could not read
+                        // the cookie: learn it now, or its hairpin stays unjudged by policy.
+                        pod.netns_cookie = learn_netns_cookie(&mut datapath, &pod.registration());
+                    }
                     pods.insert(pod.container_id.clone(), pod);
                 }
                 Err(e) => {
@@ -340,7 +360,7 @@ impl crate::metrics::MetricsSource for Node {
                     .count();
                 let health = crate::metrics::Health {
                     maps: Vec::new(),
-                    socket_lb: inner.datapath.socket_lb(),
+                    socket_lb: inner.datapath.socket_hooks_attached(),
                     pods: inner.pods.len() as u64,
                     pods_attached: attached as u64,
                 };
@@ -416,9 +436,10 @@ fn pod_metrics(inner: &Inner) -> Vec<crate::metrics::PodMetrics> {
 
 /// Records `pod`'s network-namespace cookie for the socket hooks, which tell a policed pod
 /// reaching itself through a VIP by it; best effort (a failure is logged: that hairpin is then
-/// not judged by the pod's policy). None without socket hooks.
+/// not judged by the pod's policy). None without socket hooks or without policy.
 fn learn_netns_cookie(datapath: &mut Datapath, pod: &PodRegistration) -> Option<u64> {
-    if !datapath.socket_lb() {
+    // Only the socket hooks' policy check uses it.
+    if !datapath.socket_lb() || !datapath.network_policy() {
         return None;
     }
     let cookie = datapath

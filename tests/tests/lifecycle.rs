@@ -1490,3 +1490,49 @@ fn an_agent_whose_metrics_address_is_taken_fails_naming_the_flag() {
         .collect();
     assert!(pinned.is_empty(), "pinned although it failed: {pinned:?}");
 }
+
+/// A pod registered by an agent that could not read its network-namespace cookie (a kernel
+/// before 5.14 with an older version) gets it when the agent restarts: without its
+/// `POD_NETNS` entry, its hairpin through its own VIP would not be judged by its policy.
+#[test]
+fn a_restart_learns_the_netns_cookie_of_pods_registered_without_it() {
+    let node = Node::new().expect("creating the node");
+    let mut agent = node
+        .start_agent(AgentOpts::default())
+        .expect("starting ferrovia-agent");
+    let _pod = node.add_pod("default", "p").expect("CNI ADD");
+    let entries = || {
+        dump(&node, "POD_NETNS")
+            .into_iter()
+            .map(|e| (e["key"].as_u64().expect("a cookie"), e["value"].clone()))
+            .collect::<Vec<_>>()
+    };
+    let before = entries();
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // What such an agent leaves: no cookie in the pod's record, no entry.
+    agent.stop().expect("stopping the agent");
+    let state = node.state_dir().join("pods.json");
+    let mut pods: Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("pods.json")).expect("JSON");
+    for pod in pods.as_array_mut().expect("a list of pods") {
+        pod["netns_cookie"] = Value::Null;
+    }
+    std::fs::write(&state, serde_json::to_vec(&pods).expect("JSON")).expect("pods.json");
+    let key: Vec<String> = before[0]
+        .0
+        .to_le_bytes()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut args = vec!["map", "delete", "pinned"];
+    let pinned = pin(&node, "POD_NETNS");
+    args.push(&pinned);
+    args.push("key");
+    args.extend(key.iter().map(String::as_str));
+    node.bpftool(&args).expect("bpftool map delete");
+    assert!(entries().is_empty());
+
+    agent.restart().expect("restarting the agent");
+    assert_eq!(entries(), before, "the cookie is learnt again at start");
+}

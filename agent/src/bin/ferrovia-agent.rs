@@ -69,6 +69,14 @@ struct Args {
     /// Capacity of the policy conntrack (flows whose replies are allowed back).
     #[arg(long, default_value_t = MapSizes::default().policy_ct)]
     map_policy_ct: u32,
+    /// Capacity of the per-pod counters (pods on this node; per-CPU, 144 bytes per pod and
+    /// possible CPU).
+    #[arg(long, default_value_t = MapSizes::default().pod_stats)]
+    map_pod_stats: u32,
+    /// Capacity of the per-frontend connection counters (per-CPU, 16 bytes per frontend and
+    /// possible CPU).
+    #[arg(long, default_value_t = MapSizes::default().frontend_stats)]
+    map_frontend_stats: u32,
 }
 
 /// The root of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
@@ -153,6 +161,8 @@ async fn main() -> Result<()> {
         affinity: args.map_affinity,
         policy_peers: args.map_policy_peers,
         policy_ct: args.map_policy_ct,
+        pod_stats: args.map_pod_stats,
+        frontend_stats: args.map_frontend_stats,
         ..MapSizes::default()
     };
     let datapath = Datapath::load(DatapathConfig {

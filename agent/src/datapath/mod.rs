@@ -81,6 +81,12 @@ pub struct MapSizes {
     pub policy_ports: u32,
     pub policy_ct: u32,
     pub policy_verdicts: u32,
+    /// Local pods counted (`POD_STATS`, per-CPU: 144 bytes per entry and possible CPU).
+    pub pod_stats: u32,
+    /// Frontends counted (`FRONTEND_STATS`, per-CPU: 16 bytes per entry and possible CPU).
+    pub frontend_stats: u32,
+    /// UDP flows remembered for the pods' new-connection counts (`UDP_FLOWS`, LRU).
+    pub udp_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -97,6 +103,9 @@ impl Default for MapSizes {
             policy_ports: 65_536,
             policy_ct: 131_072,
             policy_verdicts: 65_536,
+            pod_stats: 1_024,
+            frontend_stats: 16_384,
+            udp_flows: 65_536,
         }
     }
 }
@@ -217,7 +226,7 @@ impl Datapath {
         )
         .context("reading the pinned service maps")?;
         let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
-        let netns_probe = HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?;
+        let netns_probe = netns::clear_probes(HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?);
         let pod_stats =
             stats::PodStatsMap::new(PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?);
         let frontend_stats = stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(
@@ -458,6 +467,23 @@ impl Datapath {
         self.cfg.socket_lb_cgroup.is_some()
     }
 
+    /// Whether the socket-level programs are attached: configured, and each one's cgroup link
+    /// pinned under the links directory.
+    #[must_use]
+    pub fn socket_hooks_attached(&self) -> bool {
+        let links = attach::links_dir(&self.cfg.bpffs_root);
+        self.socket_lb()
+            && SOCK_PROGRAMS
+                .iter()
+                .all(|name| links.join(format!("cgroup-{name}")).exists())
+    }
+
+    /// Whether `NetworkPolicy` is enforced (`--network-policy`).
+    #[must_use]
+    pub fn network_policy(&self) -> bool {
+        self.cfg.network_policy
+    }
+
     /// Attaches `from_pod` / `to_pod` to a pod's host-side interface (or swaps in this
     /// run's programs where a previous run attached them).
     pub fn attach_pod(
@@ -481,7 +507,11 @@ impl Datapath {
         }
         let ifindex = nix::net::if_::if_nametoindex(ifname)
             .with_context(|| format!("the index of {ifname}"))?;
-        self.pod_stats.ensure(ifindex)?;
+        // A pod without counters still gets its data path: a full POD_STATS is logged, not
+        // fatal to the pod.
+        if let Err(e) = self.pod_stats.ensure(ifindex) {
+            tracing::warn!("{ifname}: its traffic is not counted: {e:#}");
+        }
         Ok(AttachedInterface {
             ifname: ifname.to_owned(),
             ifindex,
@@ -596,7 +626,10 @@ fn size_maps(loader: &mut EbpfLoader, s: &MapSizes) {
         .map_max_entries("POLICY_PEERS", s.policy_peers)
         .map_max_entries("POLICY_PORTS", s.policy_ports)
         .map_max_entries("POLICY_CT", s.policy_ct)
-        .map_max_entries("POLICY_VERDICTS", s.policy_verdicts);
+        .map_max_entries("POLICY_VERDICTS", s.policy_verdicts)
+        .map_max_entries("POD_STATS", s.pod_stats)
+        .map_max_entries("FRONTEND_STATS", s.frontend_stats)
+        .map_max_entries("UDP_FLOWS", s.udp_flows);
 }
 
 /// The variant of socket hook `name` for kernels without `bpf_set_retval` (Linux 5.18+).

@@ -74,8 +74,9 @@ pub fn probe(probes: &mut HashMap<MapData, u64, u64>, cgroup: &Path, netns: &Pat
         CString::new(procs_path.as_os_str().as_bytes()).context("cgroup path holds a NUL byte")?;
     // 0.x.y.z:port, x.y.z and the port random (40 bits): another process cannot guess it
     // to fill the slot first, and a collision with a concurrent probe is negligible.
+    // (Never 0.0.0.0, which applications connect to, meaning this host.)
     let (low, port): (u32, u16) = (
-        rand::random::<u32>() & 0x00ff_ffff,
+        rand::random::<u32>() & 0x00ff_ffff | 1,
         rand::random::<u16>() | 1,
     );
     let ip = std::net::Ipv4Addr::from(low);
@@ -106,6 +107,17 @@ pub fn probe(probes: &mut HashMap<MapData, u64, u64>, cgroup: &Path, netns: &Pat
         );
     }
     Ok(cookie)
+}
+
+/// Empties `NETNS_PROBE` at load: probes of a previous run killed mid-probe would otherwise
+/// fill the (small) map for good.
+#[must_use]
+pub fn clear_probes(mut probes: HashMap<MapData, u64, u64>) -> HashMap<MapData, u64, u64> {
+    let stale: Vec<u64> = probes.keys().filter_map(Result::ok).collect();
+    for nonce in stale {
+        let _ = probes.remove(&nonce);
+    }
+    probes
 }
 
 /// Exit codes of the probe child (bits).

@@ -110,3 +110,77 @@ impl Collector for ServiceCollector {
         Ok(())
     }
 }
+
+/// Keeps the service counters monotonic while their series live: a port's count is the sum
+/// over its frontends' entries, and a frontend that goes (a `NodePort` switched off, an
+/// external IP removed) takes its entry with it. What a drop would lose is carried as an
+/// offset, so Prometheus never sees a false counter reset. Increments a removed frontend got
+/// after the last scrape are lost; a port whose series disappears starts again from its sum.
+/// A service port: namespace, service, port name.
+type PortKey = (String, String, String);
+
+/// Per port: (last raw connections, offset), (last raw rejections, offset).
+#[derive(Debug, Default)]
+pub(super) struct Monotonic {
+    seen: Mutex<std::collections::BTreeMap<PortKey, [(u64, u64); 2]>>,
+}
+
+impl Monotonic {
+    pub(super) fn adjust(&self, services: &mut [ServiceMetrics]) {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = std::collections::BTreeMap::new();
+        for s in services.iter_mut() {
+            let key = (s.namespace.clone(), s.service.clone(), s.port.clone());
+            let mut state = seen.get(&key).copied().unwrap_or_default();
+            for (value, (last, offset)) in [&mut s.connections, &mut s.rejected]
+                .into_iter()
+                .zip(state.iter_mut())
+            {
+                if *value < *last {
+                    *offset += *last - *value;
+                }
+                *last = *value;
+                *value += *offset;
+            }
+            next.insert(key, state);
+        }
+        *seen = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(connections: u64, rejected: u64) -> ServiceMetrics {
+        ServiceMetrics {
+            namespace: "shop".into(),
+            service: "web".into(),
+            port: "http".into(),
+            connections,
+            rejected,
+            ..ServiceMetrics::default()
+        }
+    }
+
+    #[test]
+    fn a_frontend_that_goes_does_not_make_the_counters_go_down() {
+        let m = Monotonic::default();
+        let scrape = |raw: ServiceMetrics| {
+            let mut v = vec![raw];
+            m.adjust(&mut v);
+            (v[0].connections, v[0].rejected)
+        };
+        assert_eq!(scrape(port(1000, 3)), (1000, 3));
+        // The NodePort (200 of them, 1 rejection) goes: the sum drops to 800.
+        assert_eq!(scrape(port(800, 2)), (1000, 3));
+        assert_eq!(scrape(port(810, 2)), (1010, 3));
+        // The series disappears, then comes back: it starts from its sum.
+        let mut none: Vec<ServiceMetrics> = Vec::new();
+        m.adjust(&mut none);
+        assert_eq!(scrape(port(5, 0)), (5, 0));
+    }
+}

@@ -17,7 +17,10 @@ pub fn lookup_service(key: &ServiceKey) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn count_connection(service_id: u32, rejected: bool) {
     if let Some(stats) = FRONTEND_STATS.get_ptr_mut(&service_id) {
-        // SAFETY: this CPU's copy of a live per-CPU value; nothing else writes it meanwhile.
+        // SAFETY: this CPU's copy of a live per-CPU value. Not atomic (the BPF target has no
+        // 64-bit atomics here): a socket hook (process context) interrupted on this CPU by a
+        // tc program counting the same frontend can lose one increment — rare, and only a
+        // count.
         let stats = unsafe { &mut *stats };
         if rejected {
             stats.rejected += 1;

@@ -17,33 +17,53 @@ use crate::{
 /// A refresh of a flow's age at most this often (keeps its cache line quiet).
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// The packet as it came, before any rewrite: its interface, length and segments (a reject
+/// rebuilds the packet, a GSO aggregate is several packets on the wire).
+#[derive(Clone, Copy)]
+pub struct Wire {
+    ifindex: u32,
+    len: u32,
+    segs: u32,
+}
+
+impl Wire {
+    #[inline(always)]
+    pub fn of(ctx: &TcContext) -> Self {
+        // SAFETY: plain reads of our own skb.
+        unsafe {
+            let skb = &*ctx.skb.skb;
+            Self {
+                ifindex: skb.ifindex,
+                len: skb.len,
+                segs: skb.gso_segs,
+            }
+        }
+    }
+}
+
 /// This packet's direction of the pod's counters: the pod is found by the interface the
 /// program runs on (`dir`: `POL_DIR_INGRESS` in `to_pod`, `POL_DIR_EGRESS` in `from_pod`).
 #[inline(always)]
-fn counters(ctx: &TcContext, dir: u8) -> Option<&'static mut DirStats> {
-    // SAFETY: plain reads of our own skb.
-    let (ifindex, len, segs) = unsafe {
-        let skb = &*ctx.skb.skb;
-        (skb.ifindex, skb.len, skb.gso_segs)
-    };
-    let stats = POD_STATS.get_ptr_mut(&ifindex)?;
-    // SAFETY: this CPU's copy of a live per-CPU value; nothing else writes it while we run.
+fn counters(wire: Wire, dir: u8) -> Option<&'static mut DirStats> {
+    let stats = POD_STATS.get_ptr_mut(&wire.ifindex)?;
+    // SAFETY: this CPU's copy of a live per-CPU value; tc runs with bottom halves off, so
+    // nothing else on this CPU writes it while we run.
     let stats = unsafe { &mut *stats };
     let d = if dir == POL_DIR_INGRESS {
         &mut stats.ingress
     } else {
         &mut stats.egress
     };
-    d.packets += u64::from(segs.max(1));
-    d.bytes += u64::from(len);
+    d.packets += u64::from(wire.segs.max(1));
+    d.bytes += u64::from(wire.len);
     Some(d)
 }
 
 /// Counts an IPv4 packet the programs parsed, with its outcome: `action` as returned to tc,
 /// and what its path noted on `gate`.
 #[inline(always)]
-pub fn account(ctx: &TcContext, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) {
-    let Some(d) = counters(ctx, dir) else {
+pub fn account(wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) {
+    let Some(d) = counters(wire, dir) else {
         return;
     };
     match gate.dropped() {
@@ -72,8 +92,8 @@ pub fn account(ctx: &TcContext, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &G
 /// Counts a frame the programs did not parse: not IPv4 (ARP, IPv6), or IPv4 whose headers
 /// did not parse (`malformed`). Both pass untouched.
 #[inline(always)]
-pub fn account_unparsed(ctx: &TcContext, dir: u8, malformed: bool) {
-    if let Some(d) = counters(ctx, dir)
+pub fn account_unparsed(wire: Wire, dir: u8, malformed: bool) {
+    if let Some(d) = counters(wire, dir)
         && malformed
     {
         d.malformed += 1;
@@ -87,29 +107,32 @@ pub fn account_unparsed(ctx: &TcContext, dir: u8, malformed: bool) {
 fn new_udp_flow(pkt: &Ipv4Packet, dir: u8) -> bool {
     // SAFETY: helper without side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = ct_key(pkt, dir);
+    // One key on the stack, turned around for the reverse lookup and back.
+    let mut key = ct_key(pkt, dir);
     if seen(&key, now) {
         return false;
     }
-    let back = CtKey {
-        saddr: key.daddr,
-        daddr: key.saddr,
-        sport: key.dport,
-        dport: key.sport,
-        dir: if dir == POL_DIR_INGRESS {
-            POL_DIR_EGRESS
-        } else {
-            POL_DIR_INGRESS
-        },
-        ..key
-    };
-    if seen(&back, now) {
+    reverse(&mut key);
+    if seen(&key, now) {
         return false;
     }
+    reverse(&mut key);
     // Best effort: an LRU insert fails only under memory pressure (then the next datagram
     // counts again).
     let _ = UDP_FLOWS.insert(&key, &now, 0);
     true
+}
+
+/// The same flow seen at the pod's other point, the other way round.
+#[inline(always)]
+fn reverse(key: &mut CtKey) {
+    core::mem::swap(&mut key.saddr, &mut key.daddr);
+    core::mem::swap(&mut key.sport, &mut key.dport);
+    key.dir = if key.dir == POL_DIR_INGRESS {
+        POL_DIR_EGRESS
+    } else {
+        POL_DIR_INGRESS
+    };
 }
 
 /// Whether `key` was seen within the UDP timeout, refreshing its age when it was.
