@@ -2134,7 +2134,7 @@ fn frontend_counters_count_new_connections_and_rejections_once() {
     let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&rest);
     assert!(errors.is_empty(), "{errors:?}");
     let data = aya::maps::MapData::from_pin(t.root.join("FRONTEND_STATS")).unwrap();
-    let map: aya::maps::PerCpuHashMap<_, u32, ferrovia_common::FrontendStats> =
+    let mut map: aya::maps::PerCpuHashMap<_, u32, ferrovia_common::FrontendStats> =
         aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
     assert_eq!(
         map.keys().count(),
@@ -2142,6 +2142,17 @@ fn frontend_counters_count_new_connections_and_rejections_once() {
         "only the UDP and dead frontends' entries are left"
     );
     assert!(!stats(&t).contains_key(&key(VIP, 80, PROTO_TCP)));
+    // An entry of a frontend that went while the agent was down goes at the next start,
+    // before any sync could give its id to a new frontend.
+    let cpus = aya::util::nr_cpus().unwrap();
+    let zeros =
+        aya::maps::PerCpuValues::try_from(vec![ferrovia_common::FrontendStats::default(); cpus])
+            .unwrap();
+    map.insert(999_999, zeros, 0).unwrap();
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    assert!(map.get(&999_999, 0).is_err(), "pruned at load");
+    assert_eq!(map.keys().count(), 2, "the live frontends' entries stay");
 }
 
 /// Test-owned objects for the network-namespace probe: cgroups and named namespaces, removed

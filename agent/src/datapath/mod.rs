@@ -229,10 +229,13 @@ impl Datapath {
         let netns_probe = netns::clear_probes(HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?);
         let pod_stats =
             stats::PodStatsMap::new(PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?);
-        let frontend_stats = stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(
+        let mut frontend_stats = stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(
             &mut ebpf,
             "FRONTEND_STATS",
         )?)?);
+        // Counters of frontends gone while the agent was down, before a new frontend could be
+        // given their id.
+        frontend_stats.retain(&services.service_ids().into_values().collect());
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
