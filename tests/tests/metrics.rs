@@ -43,6 +43,8 @@ spec:
   ingress:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 8080}]
+  - from: [{podSelector: {matchLabels: {app: server}}}]
+    ports: [{protocol: TCP, port: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -140,6 +142,21 @@ fn assert_service_counters(shop: &Shop) {
         got,
         [3.0, 0.0, 0.0, 2.0],
         "web +conn, +rejected; empty the same\n{body}"
+    );
+    // The server reaching itself through the VIP: the socket hook leaves a policed pod's
+    // hairpin to the per-packet path, which counts it — once per connection, not twice.
+    let (before_hairpin, _) = samples(&shop.agent);
+    let hairpin = shop
+        .server
+        .probe(&ProbeSpec::tcp(WEB).count(2))
+        .expect("probe");
+    assert!(hairpin.iter().all(|r| r.ok), "{hairpin:?}");
+    let (after_hairpin, hairpin_body) = samples(&shop.agent);
+    let key = format!("ferrovia_service_connections_total{{{}}}", port("web"));
+    assert_eq!(
+        after_hairpin[&key] - before_hairpin[&key],
+        2.0,
+        "{hairpin_body}"
     );
     let endpoints = |svc: &str, condition: &str| {
         after[&format!(
