@@ -372,12 +372,14 @@ impl Datapath {
 
     /// Writes frontends given as map entries (what [`Datapath::sync`] derives from the model).
     pub fn sync_frontends(&mut self, specs: &[FrontendSpec]) -> (SyncReport, Vec<WriteError>) {
-        let result = self.services.sync(specs);
-        // The counters of frontends that went go with them (also those removed while the
-        // agent was down).
-        let live = self.services.service_ids().into_values().collect();
-        self.frontend_stats.retain(&live);
-        result
+        let (report, errors) = self.services.sync(specs);
+        // The counters of frontends that went go with them (a kept frontend keeps its id, a new
+        // one gets a fresh id: only removals leave entries behind).
+        if report.removed > 0 {
+            let live = self.services.service_ids().into_values().collect();
+            self.frontend_stats.retain(&live);
+        }
+        (report, errors)
     }
 
     /// New connections and rejections per installed frontend, summed over CPUs; frontends

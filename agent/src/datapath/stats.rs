@@ -36,16 +36,7 @@ impl PodStatsMap {
 
     /// Removes the entries of interfaces not in `keep` (pods gone while the agent was down).
     pub fn retain(&mut self, keep: &BTreeSet<u32>) -> usize {
-        let stale: Vec<u32> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(k))
-            .collect();
-        for k in &stale {
-            self.remove(*k);
-        }
-        stale.len()
+        retain_keys(&mut self.map, keep)
     }
 
     /// Every entry, summed over CPUs.
@@ -57,6 +48,22 @@ impl PodStatsMap {
         }
         Ok(out)
     }
+}
+
+/// Removes the keys of `map` not in `keep`; returns how many went.
+fn retain_keys<V: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, u32, V>,
+    keep: &BTreeSet<u32>,
+) -> usize {
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(k))
+        .collect();
+    for k in &stale {
+        let _ = map.remove(k);
+    }
+    stale.len()
 }
 
 /// The sum of per-CPU values.
@@ -98,16 +105,7 @@ impl FrontendStatsMap {
 
     /// Removes the entries of frontends not in `live` (service ids); returns how many went.
     pub fn retain(&mut self, live: &BTreeSet<u32>) -> usize {
-        let stale: Vec<u32> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(k))
-            .collect();
-        for k in &stale {
-            let _ = self.map.remove(k);
-        }
-        stale.len()
+        retain_keys(&mut self.map, live)
     }
 
     /// Every entry, summed over CPUs.

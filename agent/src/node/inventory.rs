@@ -13,8 +13,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicySpec;
 
 use super::{Node, PodRecord};
 use crate::api::{
-    ApiError, FrontendType, Inventory, MapList, PodRegistration, PodState, PolicyList, PolicyState,
-    PortEndpoints, ServiceFrontend, ServiceList,
+    ApiError, FrontendType, Inventory, MapList, PodState, PolicyList, PolicyState, PortEndpoints,
+    ServiceFrontend, ServiceList,
 };
 use crate::datapath::inventory::pinned_maps;
 use crate::model::endpoints::{self, SliceIndex};
@@ -25,18 +25,20 @@ impl Node {
     /// Every service port's connection counters (summed over its frontends) and endpoints
     /// by condition, for `/metrics`.
     pub(super) async fn service_metrics(&self) -> Vec<crate::metrics::ServiceMetrics> {
-        let list = Inventory::services(self).await;
-        let ports = Inventory::endpoints(self).await;
-        let stats = self
-            .inner
-            .lock()
-            .await
-            .datapath
-            .frontend_stats()
-            .unwrap_or_else(|e| {
+        // One lock for the state, the pods and the counters; the model computed once.
+        let (state, pods, counters) = {
+            let inner = self.inner.lock().await;
+            let counters = inner.datapath.frontend_stats().unwrap_or_else(|e| {
                 tracing::warn!("reading FRONTEND_STATS: {e:#}");
                 BTreeMap::new()
             });
+            let pods: Vec<PodRecord> = inner.pods.values().cloned().collect();
+            (Arc::clone(&inner.state), pods, counters)
+        };
+        let pod_ips = pod_ips(&pods);
+        let desired = model::compute(&state, &pod_ips);
+        let list = services(&state, &desired);
+        let ports = port_endpoints(&state, &pod_ips, &desired);
         let mut out = BTreeMap::<(String, String, String), crate::metrics::ServiceMetrics>::new();
         for f in &list.frontends {
             let port = (
@@ -52,7 +54,7 @@ impl Node {
                     port: f.port_name.clone(),
                     ..crate::metrics::ServiceMetrics::default()
                 });
-            if let Some(s) = crate::datapath::service_key(&f.key).and_then(|k| stats.get(&k)) {
+            if let Some(s) = crate::datapath::service_key(&f.key).and_then(|k| counters.get(&k)) {
                 m.connections += s.connections;
                 m.rejected += s.rejected;
             }
@@ -132,15 +134,7 @@ impl Inventory for Node {
                 from_pod: pod.iface.ingress,
                 to_pod: pod.iface.egress,
                 counters: counters.remove(&pod.container_id).unwrap_or_default(),
-                pod: PodRegistration {
-                    container_id: pod.container_id.clone(),
-                    netns: pod.netns.clone(),
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    ifname: pod.ifname.clone(),
-                    host_ifname: pod.iface.ifname.clone(),
-                    ips: pod.ips.clone(),
-                },
+                pod: pod.registration(),
             })
             .collect();
         out.sort_by(|a, b| {
