@@ -188,6 +188,24 @@ impl<R: PodRegistry + Inventory> Agent for AgentService<R> {
     ) -> Result<Response<v1::GetMapsResponse>, Status> {
         Ok(Response::new(self.registry.maps().await?.into()))
     }
+
+    async fn explain(
+        &self,
+        _request: Request<v1::ExplainRequest>,
+    ) -> Result<Response<v1::ExplainResponse>, Status> {
+        Err(Status::unimplemented("Explain"))
+    }
+
+    type FlowsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::FlowEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn flows(
+        &self,
+        _request: Request<v1::FlowsRequest>,
+    ) -> Result<Response<Self::FlowsStream>, Status> {
+        Err(Status::unimplemented("Flows"))
+    }
 }
 
 fn require_container_id(id: &str) -> Result<(), Status> {
