@@ -34,7 +34,9 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+mod conntrack;
 mod services;
+pub use conntrack::{ConntrackHealth, evictions as conntrack_evictions};
 pub use services::ServiceMetrics;
 
 /// The content type of `/metrics` (`OpenMetrics` 1.0 text).
@@ -67,6 +69,20 @@ pub struct Health {
     pub pods: u64,
     /// Of those, pods whose `from_pod` and `to_pod` are confirmed attached to their interface.
     pub pods_attached: u64,
+    /// Flow events read by the agent, suppressed by the per-pod rate limit, and lost for want
+    /// of room in the ring buffer (since the maps were created; read on the agent's side
+    /// since it started).
+    pub flow_events: FlowEventCounts,
+    /// The service conntrack's entries, creations, evictions, and the garbage collection.
+    pub conntrack: ConntrackHealth,
+}
+
+/// Flow events by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEventCounts {
+    pub read: u64,
+    pub suppressed: u64,
+    pub lost: u64,
 }
 
 /// A pinned map's capacity and current entries.
@@ -235,6 +251,7 @@ pub struct Endpoint {
     /// The service ports' counters of the scrape in progress.
     services: Arc<Mutex<Vec<ServiceMetrics>>>,
     service_counters: services::Monotonic,
+    conntrack_evictions: conntrack::Evictions,
     sync: SyncMetrics,
     rejections: OnceLock<Rejections>,
     /// One scrape at a time: each encodes the pods it read.
@@ -290,6 +307,7 @@ impl Endpoint {
             health,
             services,
             service_counters: services::Monotonic::default(),
+            conntrack_evictions: conntrack::Evictions::default(),
             sync,
             rejections: OnceLock::new(),
             scrape: tokio::sync::Mutex::new(()),
@@ -324,7 +342,7 @@ impl Endpoint {
     /// The `OpenMetrics` text of a scrape, `# EOF` included.
     pub async fn render(&self) -> Result<String, fmt::Error> {
         let _one_at_a_time = self.scrape.lock().await;
-        let (pods, health, mut services) = match self.agent.get() {
+        let (pods, mut health, mut services) = match self.agent.get() {
             Some(agent) => (
                 agent.pods().await,
                 agent.health().await,
@@ -333,6 +351,7 @@ impl Endpoint {
             None => (Vec::new(), Health::default(), Vec::new()),
         };
         self.service_counters.adjust(&mut services);
+        self.conntrack_evictions.observe(&mut health.conntrack);
         *self
             .services
             .lock()
@@ -694,7 +713,25 @@ impl Collector for HealthCollector {
             "Registered pods whose from_pod and to_pod programs are confirmed attached to \
              their interface (what a CNI CHECK asks).",
             health.pods_attached,
-        )
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "flow_events",
+            "Flow events by outcome: read by the agent (ferrovia flows), suppressed by the \
+             per-pod rate limit in the kernel, lost for want of room in the ring buffer.",
+            None,
+            MetricType::Counter,
+        )?;
+        let f = health.flow_events;
+        for (outcome, n) in [
+            ("read", f.read),
+            ("suppressed", f.suppressed),
+            ("lost", f.lost),
+        ] {
+            family
+                .encode_family(&[("outcome", outcome)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        conntrack::encode(&mut encoder, &health.conntrack)
     }
 }
 
@@ -824,6 +861,8 @@ mod tests {
         # TYPE ferrovia_service_connections counter\n\
         # HELP ferrovia_service_rejected_connections Connections to the service port refused because it had no endpoint.\n\
         # TYPE ferrovia_service_rejected_connections counter\n\
+        # HELP ferrovia_service_backend_selections New connections to the service port given each backend (a selection by the socket hooks or the per-packet path), by the backend's pod; backends never selected have no series.\n\
+        # TYPE ferrovia_service_backend_selections counter\n\
         # HELP ferrovia_service_endpoints Endpoints of the service port by condition (EndpointSlice ready, serving, terminating).\n\
         # TYPE ferrovia_service_endpoints gauge\n";
 
@@ -851,6 +890,10 @@ mod tests {
         # HELP ferrovia_pods_attached Registered pods whose from_pod and to_pod programs are confirmed attached to their interface (what a CNI CHECK asks).\n\
         # TYPE ferrovia_pods_attached gauge\n";
 
+    const FLOW_EVENTS_HEAD: &str = "\
+        # HELP ferrovia_flow_events Flow events by outcome: read by the agent (ferrovia flows), suppressed by the per-pod rate limit in the kernel, lost for want of room in the ring buffer.\n\
+        # TYPE ferrovia_flow_events counter\n";
+
     /// The health families of a data path without maps, socket hooks or pods.
     fn no_health() -> String {
         format!(
@@ -859,7 +902,38 @@ mod tests {
              ferrovia_program_attached{{program=\"sock4_sendmsg\",hook=\"cgroup\"}} 0\n\
              ferrovia_program_attached{{program=\"sock4_recvmsg\",hook=\"cgroup\"}} 0\n\
              ferrovia_program_attached{{program=\"sock4_getpeer\",hook=\"cgroup\"}} 0\n\
-             {PODS_HEAD}ferrovia_pods 0\n{PODS_ATTACHED_HEAD}ferrovia_pods_attached 0\n"
+             {PODS_HEAD}ferrovia_pods 0\n{PODS_ATTACHED_HEAD}ferrovia_pods_attached 0\n\
+             {FLOW_EVENTS_HEAD}\
+             ferrovia_flow_events_total{{outcome=\"read\"}} 0\n\
+             ferrovia_flow_events_total{{outcome=\"suppressed\"}} 0\n\
+             ferrovia_flow_events_total{{outcome=\"lost\"}} 0\n\
+             {}",
+            no_conntrack()
+        )
+    }
+
+    const CONNTRACK_ENTRIES_HEAD: &str = "\
+        # HELP ferrovia_conntrack_entries Entries in the service conntrack (CONNTRACK) now, two per translated flow.\n\
+        # TYPE ferrovia_conntrack_entries gauge\n";
+
+    const CONNTRACK_CREATED_HEAD: &str = "\
+        # HELP ferrovia_conntrack_created Service conntrack entries the programs created (an overwrite of an existing tuple's entry is none), since the pinned maps were created.\n\
+        # TYPE ferrovia_conntrack_created counter\n";
+
+    const CONNTRACK_EVICTIONS_HEAD: &str = "\
+        # HELP ferrovia_conntrack_evictions Service conntrack entries the LRU evicted, derived (the kernel does not report evictions): created - deleted by the garbage collection - entries now, since the agent's first scrape; exact when the map is quiescent while counted.\n\
+        # TYPE ferrovia_conntrack_evictions counter\n";
+
+    const CONNTRACK_GC_HEAD: &str = "\
+        # HELP ferrovia_conntrack_gc_deleted Expired entries the agent's garbage collection deleted, per flow map (--conntrack-gc-interval), since the agent started.\n\
+        # TYPE ferrovia_conntrack_gc_deleted counter\n";
+
+    /// The conntrack families of an agent that could not read `CONNTRACK` and collected nothing.
+    fn no_conntrack() -> String {
+        format!(
+            "{CONNTRACK_CREATED_HEAD}ferrovia_conntrack_created_total 0\n\
+             {CONNTRACK_EVICTIONS_HEAD}ferrovia_conntrack_evictions_total 0\n\
+             {CONNTRACK_GC_HEAD}"
         )
     }
 
@@ -1064,6 +1138,12 @@ mod tests {
             socket_lb: true,
             pods: 2,
             pods_attached: 1,
+            flow_events: FlowEventCounts {
+                read: 5,
+                suppressed: 3,
+                lost: 1,
+            },
+            conntrack: ConntrackHealth::default(),
         };
         let endpoint = Endpoint::new();
         endpoint.ready(Arc::new(Fake(vec![], vec![], health, vec![])));
@@ -1083,7 +1163,12 @@ mod tests {
                  ferrovia_program_attached{{program=\"sock4_recvmsg\",hook=\"cgroup\"}} 1\n\
                  ferrovia_program_attached{{program=\"sock4_getpeer\",hook=\"cgroup\"}} 1\n\
                  {PODS_HEAD}ferrovia_pods 2\n{PODS_ATTACHED_HEAD}ferrovia_pods_attached 1\n\
-                 {}# EOF\n",
+                 {FLOW_EVENTS_HEAD}\
+                 ferrovia_flow_events_total{{outcome=\"read\"}} 5\n\
+                 ferrovia_flow_events_total{{outcome=\"suppressed\"}} 3\n\
+                 ferrovia_flow_events_total{{outcome=\"lost\"}} 1\n\
+                 {}{}# EOF\n",
+                no_conntrack(),
                 sync_text(0, 0, [0; 6])
             )
         );
@@ -1145,7 +1230,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn service_ports_have_connection_counters_and_endpoints_by_condition() {
+    async fn service_ports_have_connections_backend_selections_and_endpoints_by_condition() {
         let mut fake = Fake::new(vec![], vec![]);
         fake.3 = vec![ServiceMetrics {
             namespace: "shop".into(),
@@ -1153,6 +1238,7 @@ mod tests {
             port: "http".into(),
             connections: 5,
             rejected: 1,
+            backends: [("shop/web-1".to_owned(), 4), ("shop/web-2".to_owned(), 1)].into(),
             ready: 2,
             serving: 3,
             terminating: 1,
@@ -1170,6 +1256,12 @@ mod tests {
              refused because it had no endpoint.\n\
              # TYPE ferrovia_service_rejected_connections counter\n\
              ferrovia_service_rejected_connections_total{{{port}}} 1\n\
+             # HELP ferrovia_service_backend_selections New connections to the service port \
+             given each backend (a selection by the socket hooks or the per-packet path), by \
+             the backend's pod; backends never selected have no series.\n\
+             # TYPE ferrovia_service_backend_selections counter\n\
+             ferrovia_service_backend_selections_total{{{port},backend=\"shop/web-1\"}} 4\n\
+             ferrovia_service_backend_selections_total{{{port},backend=\"shop/web-2\"}} 1\n\
              # HELP ferrovia_service_endpoints Endpoints of the service port by condition \
              (EndpointSlice ready, serving, terminating).\n\
              # TYPE ferrovia_service_endpoints gauge\n\
@@ -1178,6 +1270,61 @@ mod tests {
              ferrovia_service_endpoints{{{port},condition=\"terminating\"}} 1\n"
         );
         assert!(text.contains(&expected), "{text}");
+    }
+
+    /// A source whose conntrack changes at each scrape (the next of its list).
+    struct Conntrack(Mutex<Vec<ConntrackHealth>>);
+
+    impl MetricsSource for Conntrack {
+        fn degraded(&self) -> Vec<String> {
+            Vec::new()
+        }
+
+        fn pods(&self) -> Pin<Box<dyn Future<Output = Vec<PodMetrics>> + Send + '_>> {
+            Box::pin(std::future::ready(Vec::new()))
+        }
+
+        fn services(&self) -> Pin<Box<dyn Future<Output = Vec<ServiceMetrics>> + Send + '_>> {
+            Box::pin(std::future::ready(Vec::new()))
+        }
+
+        fn health(&self) -> Pin<Box<dyn Future<Output = Health> + Send + '_>> {
+            let conntrack = self.0.lock().unwrap().remove(0);
+            Box::pin(std::future::ready(Health {
+                conntrack,
+                ..Health::default()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn conntrack_entries_creations_evictions_and_collections_are_exported() {
+        let ct = |entries, created, collected| ConntrackHealth {
+            entries: Some(entries),
+            created,
+            gc_deleted: vec![("CONNTRACK", collected), ("POLICY_CT", 7)],
+            evictions: 0,
+        };
+        let endpoint = Endpoint::new();
+        endpoint.ready(Arc::new(Conntrack(Mutex::new(vec![
+            ct(100, 500, 0),
+            ct(150, 600, 20),
+        ]))));
+        let first = endpoint.render().await.expect("renders");
+        assert!(
+            first.contains("ferrovia_conntrack_evictions_total 0\n"),
+            "the first scrape is the baseline\n{first}"
+        );
+        let text = endpoint.render().await.expect("renders");
+        let expected = format!(
+            "{CONNTRACK_ENTRIES_HEAD}ferrovia_conntrack_entries 150\n\
+             {CONNTRACK_CREATED_HEAD}ferrovia_conntrack_created_total 600\n\
+             {CONNTRACK_EVICTIONS_HEAD}ferrovia_conntrack_evictions_total 30\n\
+             {CONNTRACK_GC_HEAD}\
+             ferrovia_conntrack_gc_deleted_total{{map=\"CONNTRACK\"}} 20\n\
+             ferrovia_conntrack_gc_deleted_total{{map=\"POLICY_CT\"}} 7\n"
+        );
+        assert!(text.contains(&expected), "{expected}\n---\n{text}");
     }
 
     #[tokio::test]

@@ -18,11 +18,14 @@ use tokio::sync::Mutex;
 
 use crate::{
     api::{AgentStatus, ApiError, PodRegistration, PodRegistry, ProgramState},
-    datapath::{AttachedInterface, Datapath},
+    datapath::{AttachedInterface, Datapath, events::FlowReader},
+    flows::{FlowHub, Names},
     metrics::SyncMetrics,
     model::{self, ClusterState, ObjRef, PodIps},
 };
 
+mod conntrack;
+mod explain;
 mod inventory;
 
 /// A registered pod as persisted: what the CNI plugin said, and how we attached.
@@ -61,6 +64,9 @@ struct Inner {
     state: Arc<ClusterState>,
     /// Updated at each sync, when the agent serves metrics.
     metrics: Option<SyncMetrics>,
+    /// Where flow events are named and served, once started ([`Node::start_flows`]); its
+    /// names are refreshed at each sync.
+    flows: Option<Arc<FlowHub>>,
 }
 
 /// Re-reads the desired-state source now: the snapshot and the source's rejections, one
@@ -74,6 +80,9 @@ pub struct Node {
     degraded: Vec<String>,
     reload: Reload,
     state_file: PathBuf,
+    /// Where the maps are pinned: the conntrack garbage collection opens them there.
+    bpffs_root: PathBuf,
+    conntrack_gc: Arc<conntrack::GcTotals>,
     inner: Mutex<Inner>,
 }
 
@@ -129,11 +138,14 @@ impl Node {
             degraded: datapath.degraded().to_vec(),
             reload,
             state_file,
+            bpffs_root: datapath.bpffs_root().to_path_buf(),
+            conntrack_gc: Arc::default(),
             inner: Mutex::new(Inner {
                 datapath,
                 pods,
                 state,
                 metrics,
+                flows: None,
             }),
         };
         Ok(node)
@@ -171,6 +183,9 @@ impl Node {
         let desired = model::compute(&inner.state, &pod_ips);
         let policy = model::policy::compile(&inner.state, &pod_ips);
         let computed = started.elapsed();
+        if let Some(hub) = &inner.flows {
+            hub.set_names(flow_names(inner, &pod_ips, &desired));
+        }
         let (report, errors) = inner.datapath.sync(&desired);
         for error in &errors {
             tracing::error!("data path kept the previous state: {error}");
@@ -217,6 +232,21 @@ impl Node {
         let tmp = self.state_file.with_extension("json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(&records)?)?;
         fs::rename(&tmp, &self.state_file)?;
+        Ok(())
+    }
+
+    /// Starts reading the data path's flow events into `hub` (named from the next sync on,
+    /// and from now). Once: the ring buffer has one reader.
+    pub async fn start_flows(&self, hub: Arc<FlowHub>) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let map = inner
+            .datapath
+            .take_flow_events()
+            .context("the flow events' ring buffer is already read")?;
+        let reader = FlowReader::new(map)?;
+        inner.flows = Some(Arc::clone(&hub));
+        Self::resync(&mut inner);
+        tokio::spawn(crate::flows::run(reader, hub));
         Ok(())
     }
 
@@ -324,6 +354,12 @@ impl PodRegistry for Node {
     }
 }
 
+impl crate::api::FlowFeed for Node {
+    async fn flow_hub(&self) -> Option<Arc<FlowHub>> {
+        self.inner.lock().await.flows.clone()
+    }
+}
+
 impl crate::metrics::MetricsSource for Node {
     fn degraded(&self) -> Vec<String> {
         self.degraded.clone()
@@ -358,11 +394,23 @@ impl crate::metrics::MetricsSource for Node {
                     .values()
                     .filter(|p| inner.datapath.is_attached(&p.iface))
                     .count();
+                let counters = inner.datapath.counters().unwrap_or_default();
                 let health = crate::metrics::Health {
                     maps: Vec::new(),
                     socket_lb: inner.datapath.socket_hooks_attached(),
                     pods: inner.pods.len() as u64,
                     pods_attached: attached as u64,
+                    flow_events: crate::metrics::FlowEventCounts {
+                        read: inner.flows.as_ref().map_or(0, |hub| hub.read()),
+                        suppressed: counters.get("flow_suppressed").copied().unwrap_or(0),
+                        lost: counters.get("flow_lost").copied().unwrap_or(0),
+                    },
+                    // Created read before the entries are counted, deletions after: an entry
+                    // created or deleted meanwhile cannot pass for an eviction.
+                    conntrack: crate::metrics::ConntrackHealth {
+                        created: counters.get("ct_created").copied().unwrap_or(0),
+                        ..crate::metrics::ConntrackHealth::default()
+                    },
                 };
                 (inner.datapath.bpffs_root().to_path_buf(), health)
             };
@@ -372,9 +420,27 @@ impl crate::metrics::MetricsSource for Node {
                     tracing::warn!("reading the maps' fill: {e}");
                     Vec::new()
                 });
+            health.conntrack.entries = health
+                .maps
+                .iter()
+                .find(|m| m.name == "CONNTRACK")
+                .map(|m| u64::from(m.entries));
+            health.conntrack.gc_deleted = self.conntrack_gc.read();
             health
         })
     }
+}
+
+/// The names flow events are given: pods (registered here and in the state) and frontends.
+fn flow_names(inner: &Inner, pod_ips: &PodIps, desired: &model::Desired) -> Names {
+    let local = inner.pods.values().map(|p| {
+        (
+            p.iface.ifindex,
+            ObjRef::new(p.namespace.clone(), p.name.clone()),
+            p.ips.as_slice(),
+        )
+    });
+    Names::new(&inner.state, local, pod_ips, desired)
 }
 
 /// Every pinned map's capacity and entries; a map that cannot be read is logged and left out.

@@ -2329,3 +2329,609 @@ fn every_program_passes_the_verifier_within_half_its_budget() {
         }
     }
 }
+
+/// Binds the calling thread to CPU 0: per-CPU state (a pod's flow-event bucket) is then one.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// Gives the loopback interface (the test runs' `ifindex`) a flow-event bucket, as attaching
+/// a pod does.
+fn flow_bucket_for_loopback(t: &Loaded) {
+    let data = aya::maps::MapData::from_pin(t.root.join("FLOW_LIMIT")).expect("pinned FLOW_LIMIT");
+    let mut map: aya::maps::PerCpuHashMap<_, u32, ferrovia_common::FlowLimit> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let zeros =
+        aya::maps::PerCpuValues::try_from(vec![ferrovia_common::FlowLimit::default(); cpus])
+            .unwrap();
+    map.insert(1, zeros, 0).unwrap();
+}
+
+fn next_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+) -> Vec<ferrovia_common::FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<ferrovia_common::FlowEvent>());
+        // SAFETY: the programs write whole `FlowEvent`s.
+        out.push(unsafe {
+            item.as_ptr()
+                .cast::<ferrovia_common::FlowEvent>()
+                .read_unaligned()
+        });
+    }
+    out
+}
+
+fn be(ip: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(ip)
+}
+
+/// A data path whose loopback (the test runs' interface) is a counted pod, the flow events'
+/// ring buffer taken for the test, and the calling thread on CPU 0 (one per-CPU bucket).
+fn load_with_events(test: &str) -> (Loaded, aya::maps::RingBuf<aya::maps::MapData>) {
+    pin_to_cpu0();
+    let mut t = load(test);
+    let map =
+        t.dp.as_mut()
+            .unwrap()
+            .take_flow_events()
+            .expect("the ring buffer");
+    assert!(
+        t.dp.as_mut().unwrap().take_flow_events().is_none(),
+        "one reader"
+    );
+    let ring = aya::maps::RingBuf::try_from(map).unwrap();
+    count_loopback(&t);
+    (t, ring)
+}
+
+fn set_rate(t: &mut Loaded, per_second: u32, burst: u32) {
+    let rate = ferrovia_agent::datapath::FlowRate { per_second, burst };
+    t.dp.as_mut().unwrap().set_flow_rate(rate).unwrap();
+}
+
+/// An event's fields but its time and source port.
+type EventFields = (u8, u8, u8, [u32; 3], u16, u16, u8, u8, u32, u32);
+
+fn fields(e: &ferrovia_common::FlowEvent) -> EventFields {
+    (
+        e.kind,
+        e.dir,
+        e.proto,
+        [e.saddr, e.daddr, e.xaddr],
+        u16::from_be(e.dport),
+        u16::from_be(e.xport),
+        e.verdict,
+        e.drop,
+        e.suppressed,
+        e.ifindex,
+    )
+}
+
+/// Flow events: a new connection through a VIP with its translation and verdict, a connection
+/// to a frontend without endpoints and a policy drop with theirs; nothing for an interface
+/// without a bucket.
+#[test]
+fn flow_events_carry_flows_verdicts_and_translations() {
+    use ferrovia_common::{drop, flow};
+    let (mut t, mut ring) = load_with_events("flow-events");
+    set_rate(&mut t, 1000, 100);
+    let syn = |sport| tcp(CLIENT, sport, VIP, 80, true, b"");
+    assert_eq!(run(&t, "from_pod", &syn(40010)).0, TC_ACT_OK);
+    assert!(
+        next_events(&mut ring).is_empty(),
+        "counted, but no bucket: no events"
+    );
+    flow_bucket_for_loopback(&t);
+    assert_eq!(run(&t, "from_pod", &syn(40011)).0, TC_ACT_OK);
+    let _ = run(&t, "from_pod", &syn(40011));
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 40011, VIP, 80, false, b"x"));
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 40012, DEAD_VIP, 80, true, b""));
+    sync_policy(&mut t, &client_egress_to_other(false));
+    let denied = udp(CLIENT, 5000, OTHER, 53, b"q");
+    assert_eq!(run(&t, "from_pod", &denied).0, TC_ACT_SHOT);
+    let evs = next_events(&mut ring);
+    let seen: Vec<EventFields> = evs.iter().map(fields).collect();
+    let (cl, vip, be_, dead, other) = (be(CLIENT), be(VIP), be(BACKEND), be(DEAD_VIP), be(OTHER));
+    let (egress, tcp_, udp_) = (POL_DIR_EGRESS, PROTO_TCP, PROTO_UDP);
+    assert_eq!(
+        seen,
+        [
+            (
+                flow::NEW,
+                egress,
+                tcp_,
+                [cl, vip, be_],
+                80,
+                9376,
+                verdict::ALLOW_NOT_ISOLATED,
+                drop::NONE,
+                0,
+                1
+            ),
+            (
+                flow::NEW,
+                egress,
+                tcp_,
+                [cl, vip, be_],
+                80,
+                9376,
+                verdict::ALLOW_NOT_ISOLATED,
+                drop::NONE,
+                0,
+                1
+            ),
+            (
+                flow::DROP,
+                egress,
+                tcp_,
+                [cl, dead, dead],
+                80,
+                80,
+                flow::NOT_JUDGED,
+                drop::NO_ENDPOINTS,
+                0,
+                1
+            ),
+            (
+                flow::DROP,
+                egress,
+                udp_,
+                [cl, other, other],
+                53,
+                53,
+                verdict::DENY_NO_RULE,
+                drop::POLICY,
+                0,
+                1
+            ),
+        ],
+        "translated SYN and its retransmission (not its data); rejected SYN; denied datagram"
+    );
+    assert_eq!(u16::from_be(evs[0].sport), 40011);
+    assert!(evs.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns));
+    assert_eq!(counter(&t, "flow_lost") + counter(&t, "flow_suppressed"), 0);
+}
+
+/// The per-pod rate limit: a burst of 3 at 1/s lets the first three events through,
+/// suppresses and counts the next ten, and the next event (a second later) carries that
+/// count; a rate of 0 turns events off.
+#[test]
+fn flow_events_are_rate_limited_per_pod() {
+    let (mut t, mut ring) = load_with_events("flow-rate");
+    flow_bucket_for_loopback(&t);
+    set_rate(&mut t, 1, 3);
+    sync_policy(&mut t, &client_egress_to_other(false));
+    let denied = udp(CLIENT, 5000, OTHER, 53, b"q");
+    let send = |t: &Loaded, n: usize| {
+        for _ in 0..n {
+            assert_eq!(run(t, "from_pod", &denied).0, TC_ACT_SHOT);
+        }
+    };
+    send(&t, 3);
+    let burst = next_events(&mut ring);
+    assert_eq!(burst.len(), 3, "the burst: {burst:?}");
+    assert!(burst.iter().all(|e| e.suppressed == 0));
+    send(&t, 10);
+    assert!(next_events(&mut ring).is_empty(), "the burst is spent");
+    assert_eq!(counter(&t, "flow_suppressed"), 10);
+    // A second earns one event's credit back.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    send(&t, 1);
+    let evs = next_events(&mut ring);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(
+        evs[0].suppressed, 10,
+        "the suppressed count rides on the next event"
+    );
+    assert_eq!(counter(&t, "flow_lost"), 0);
+
+    set_rate(&mut t, 0, 0);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    send(&t, 1);
+    assert!(next_events(&mut ring).is_empty(), "events off");
+}
+
+/// The conntrack keys of a UDP flow from the client to `VIP:53` (backend `10.244.1.5:5353`):
+/// the client's tuple (OUT) and the backend's reply tuple (IN), as `from_pod` writes them.
+fn udp_vip_flow_keys(sport: u16) -> [ferrovia_common::CtKey; 2] {
+    use ferrovia_common::{CT_DIR_IN, CT_DIR_OUT, CtKey, FAMILY_V4};
+    let a = |ip: [u8; 4]| addr::encode(std::net::Ipv4Addr::from(ip).into()).0;
+    let key = |saddr, sport: u16, daddr, dport: u16, dir| CtKey {
+        saddr: a(saddr),
+        daddr: a(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_UDP,
+        family: FAMILY_V4,
+        dir,
+        _pad: 0,
+    };
+    [
+        key(CLIENT, sport, VIP, 53, CT_DIR_OUT),
+        key(BACKEND, 5353, CLIENT, sport, CT_DIR_IN),
+    ]
+}
+
+/// `CT_CREATED` counts the conntrack entries a new flow creates (two), not a retransmission's
+/// (it finds them) nor the overwrite of an expired flow's entries on the same tuple.
+#[test]
+fn conntrack_creations_count_new_entries_not_overwrites() {
+    use ferrovia_common::{CtKey, CtValue};
+    wait_for_uptime(200 * SECOND);
+    let t = load("ct-created");
+    let created = |t: &Loaded| counter(t, "ct_created");
+    let query = udp(CLIENT, 41000, VIP, 53, b"q");
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    assert_eq!(created(&t), 2, "a new flow: its OUT and IN entries");
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    assert_eq!(created(&t), 2, "its next datagram finds them");
+    // Both entries idle past the UDP timeout: the next datagram is a new flow on the same
+    // tuple, whose entries overwrite the old ones.
+    let mut ct = pinned_map::<CtKey, CtValue>(&t, "CONNTRACK");
+    for key in udp_vip_flow_keys(41000) {
+        let mut value = ct.get(&key, 0).expect("the flow's entry");
+        value.last_seen_ns = monotonic_ns() - 121_000_000_000;
+        ct.insert(key, value, 0).unwrap();
+    }
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    assert_eq!(created(&t), 2, "overwritten, not created");
+    assert_eq!(ct.keys().count(), 2);
+    let fresh = ct.get(&udp_vip_flow_keys(41000)[0], 0).unwrap();
+    assert!(
+        monotonic_ns() - fresh.last_seen_ns < 10_000_000_000,
+        "the new flow's entry replaced the expired one"
+    );
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 41001, VIP, 80, true, b""));
+    assert_eq!(created(&t), 4, "another flow, two more");
+}
+
+/// Backend selections: each new connection counts once for the backend it was given (and the
+/// backends' counts add up to the frontend's connections); a backend removed from its frontend
+/// loses its entry with its id, and an entry of an id gone while the agent was down is pruned
+/// at load.
+#[test]
+fn backend_selections_count_per_backend_and_go_with_the_backend() {
+    let mut t = load("backend-stats");
+    let two = frontend(
+        VIP,
+        8080,
+        PROTO_TCP,
+        &["10.244.1.5:9376", "10.244.1.6:9376"],
+    );
+    let mut specs = base_frontends();
+    specs.push(two.clone());
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert!(errors.is_empty(), "{errors:?}");
+    let n = 64;
+    for sport in 0..n {
+        let syn = tcp(CLIENT, 30000 + sport, VIP, 8080, true, b"");
+        assert_eq!(run(&t, "from_pod", &syn).0, TC_ACT_OK);
+        // Its retransmission and next packet: the same connection.
+        let _ = run(&t, "from_pod", &syn);
+        let _ = run(
+            &t,
+            "from_pod",
+            &tcp(CLIENT, 30000 + sport, VIP, 8080, false, b"x"),
+        );
+    }
+    let _ = run(&t, "from_pod", &tcp(CLIENT, 40000, DEAD_VIP, 80, true, b""));
+    let dp = t.dp.as_ref().unwrap();
+    let selections = dp.backend_selections().unwrap();
+    let per_backend = &selections[&two.key];
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.244.1.5:9376".parse().unwrap(),
+        "10.244.1.6:9376".parse().unwrap(),
+    );
+    assert_eq!(
+        per_backend.values().sum::<u64>(),
+        u64::from(n),
+        "{per_backend:?}"
+    );
+    assert!(
+        per_backend[&a] > 0 && per_backend[&b] > 0,
+        "random slots: both chosen in {n} connections: {per_backend:?}"
+    );
+    assert_eq!(
+        dp.frontend_stats().unwrap()[&two.key].connections,
+        u64::from(n),
+        "the frontend counts what its backends do"
+    );
+    assert_eq!(
+        selections.len(),
+        1,
+        "a rejection selects nothing: {selections:?}"
+    );
+    // 10.244.1.6 leaves the frontend: its entry goes, 10.244.1.5's stays.
+    let data = aya::maps::MapData::from_pin(t.root.join("BACKEND_STATS")).unwrap();
+    let mut map: aya::maps::PerCpuHashMap<_, u32, u64> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+    assert_eq!(map.keys().count(), 2);
+    specs.pop();
+    specs.push(frontend(VIP, 8080, PROTO_TCP, &["10.244.1.5:9376"]));
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(map.keys().count(), 1, "the freed id's entry is gone");
+    let left = &t.dp.as_ref().unwrap().backend_selections().unwrap()[&two.key];
+    assert_eq!(left.keys().copied().collect::<Vec<_>>(), [a]);
+    assert_eq!(left[&a], per_backend[&a], "the one left keeps its count");
+    // An entry of an id that went while the agent was down.
+    let cpus = aya::util::nr_cpus().unwrap();
+    map.insert(
+        999_999,
+        aya::maps::PerCpuValues::try_from(vec![5u64; cpus]).unwrap(),
+        0,
+    )
+    .unwrap();
+    t.dp.take();
+    t.dp = Some(open(&t.root));
+    assert!(map.get(&999_999, 0).is_err(), "pruned at load");
+    assert_eq!(map.keys().count(), 1, "the live backend's entry stays");
+}
+
+/// Waits until `CLOCK_MONOTONIC` is past `ns`, so that entries that old can exist (a VM of the
+/// kernel matrix runs the tests seconds after it boots).
+fn wait_for_uptime(ns: u64) {
+    while monotonic_ns() < ns {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// A flow's key in the flow maps' test: the client to `OTHER:80` from port 20000 + `i`.
+fn gc_key(i: usize, proto: u8, dir: u8) -> ferrovia_common::CtKey {
+    ferrovia_common::CtKey {
+        saddr: addr::encode(std::net::Ipv4Addr::from(CLIENT).into()).0,
+        daddr: addr::encode(std::net::Ipv4Addr::from(OTHER).into()).0,
+        sport: (20000 + u16::try_from(i).unwrap()).to_be(),
+        dport: 80u16.to_be(),
+        proto,
+        family: ferrovia_common::FAMILY_V4,
+        dir,
+        _pad: 0,
+    }
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+/// The garbage collection deletes exactly the conntrack entries the programs judge expired,
+/// with their timeouts: UDP 120 s, TCP 6 h, 60 s once closing; the same in the service and
+/// the policy conntrack. Entries are written into the pinned maps with the ages wanted.
+#[test]
+fn the_gc_deletes_exactly_the_expired_conntrack_entries() {
+    use ferrovia_agent::datapath::conntrack::{FlowMap, sweep};
+    use ferrovia_common::{CT_FLAG_CLOSING, CtKey, CtValue, POL_CT_EGRESS, PolicyCtValue};
+    use std::sync::atomic::AtomicU64;
+    wait_for_uptime(200 * SECOND);
+    let t = load("ct-gc");
+    // (intent, protocol, flags, idle for (s), whether it survives)
+    let cases: [(&str, u8, u16, u64, bool); 7] = [
+        ("fresh UDP", PROTO_UDP, 0, 0, true),
+        ("UDP idle 110 s", PROTO_UDP, 0, 110, true),
+        ("UDP idle 130 s", PROTO_UDP, 0, 130, false),
+        ("TCP idle 130 s", PROTO_TCP, 0, 130, true),
+        (
+            "closing TCP idle 50 s",
+            PROTO_TCP,
+            CT_FLAG_CLOSING,
+            50,
+            true,
+        ),
+        (
+            "closing TCP idle 70 s",
+            PROTO_TCP,
+            CT_FLAG_CLOSING,
+            70,
+            false,
+        ),
+        (
+            "closing UDP idle 70 s",
+            PROTO_UDP,
+            CT_FLAG_CLOSING,
+            70,
+            false,
+        ),
+    ];
+    let now = monotonic_ns();
+    let mut ct = pinned_map::<CtKey, CtValue>(&t, "CONNTRACK");
+    let mut policy_ct = pinned_map::<CtKey, PolicyCtValue>(&t, "POLICY_CT");
+    for (i, &(_, proto, flags, idle, _)) in cases.iter().enumerate() {
+        let last_seen_ns = now - idle * SECOND;
+        let value = CtValue {
+            flags,
+            last_seen_ns,
+            ..CtValue::default()
+        };
+        ct.insert(gc_key(i, proto, 0), value, 0).unwrap();
+        let value = PolicyCtValue {
+            flags,
+            last_seen_ns,
+            ..PolicyCtValue::default()
+        };
+        let key = gc_key(i, proto, POL_CT_EGRESS);
+        policy_ct.insert(key, value, 0).unwrap();
+    }
+    for map in [FlowMap::Conntrack, FlowMap::PolicyCt] {
+        assert_eq!(
+            sweep(&t.root, map, &AtomicU64::new(0)).unwrap(),
+            3,
+            "{}: the 3 dead",
+            map.name()
+        );
+    }
+    for (i, &(intent, proto, _, _, survives)) in cases.iter().enumerate() {
+        let left = ct.get(&gc_key(i, proto, 0), 0).is_ok();
+        assert_eq!(left, survives, "CONNTRACK: {intent}");
+        let left = policy_ct.get(&gc_key(i, proto, POL_CT_EGRESS), 0).is_ok();
+        assert_eq!(left, survives, "POLICY_CT: {intent}");
+    }
+    // What is left is what the programs use: a second sweep deletes nothing.
+    for map in [FlowMap::Conntrack, FlowMap::PolicyCt] {
+        assert_eq!(
+            sweep(&t.root, map, &AtomicU64::new(0)).unwrap(),
+            0,
+            "{}",
+            map.name()
+        );
+    }
+}
+
+/// The garbage collection deletes a UDP flow's record once it is 120 s old (the pods' counters
+/// count it as new then), and an affinity record past its frontend's timeout or of a frontend
+/// without affinity (gone, or never with it).
+#[test]
+fn the_gc_deletes_exactly_the_expired_udp_flows_and_affinity_records() {
+    use ferrovia_agent::datapath::conntrack::{FlowMap, sweep};
+    use ferrovia_common::{
+        AffinityKey, AffinityValue, CtKey, FAMILY_V4, POL_DIR_EGRESS, SVC_FLAG_AFFINITY,
+        ServiceValue,
+    };
+    use std::sync::atomic::AtomicU64;
+    wait_for_uptime(200 * SECOND);
+    let mut t = load("ct-gc-affinity");
+    let mut spec = frontend(VIP, 8080, PROTO_TCP, &["10.244.1.5:9376"]);
+    spec.flags = SVC_FLAG_AFFINITY;
+    spec.affinity_timeout_s = 5;
+    let mut specs = base_frontends();
+    specs.push(spec.clone());
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&specs);
+    assert!(errors.is_empty(), "{errors:?}");
+    let services = pinned_map::<ServiceKey, ServiceValue>(&t, "SERVICES");
+    let affine = services.get(&spec.key, 0).unwrap().service_id;
+    let plain = services
+        .get(&base_frontends()[0].key, 0)
+        .unwrap()
+        .service_id;
+    let now = monotonic_ns();
+    // (seen s ago, survives)
+    let flows = [(0, true), (119, true), (120, false), (130, false)];
+    let mut udp_flows = pinned_map::<CtKey, u64>(&t, "UDP_FLOWS");
+    for (i, (age, _)) in flows.iter().enumerate() {
+        let key = gc_key(i, PROTO_UDP, POL_DIR_EGRESS);
+        udp_flows.insert(key, now - age * SECOND, 0).unwrap();
+    }
+    // (frontend, used s ago, survives), with 5 s of affinity on `spec`'s frontend
+    let records = [
+        (affine, 4, true),
+        (affine, 6, false),
+        (plain, 0, false),
+        (999, 0, false),
+    ];
+    let mut affinity = pinned_map::<AffinityKey, AffinityValue>(&t, "AFFINITY");
+    let record = |i: usize, service_id| AffinityKey {
+        client: [u32::try_from(i).unwrap(), 0, 0, 0],
+        service_id,
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    for (i, &(service_id, age, _)) in records.iter().enumerate() {
+        let value = AffinityValue {
+            backend_id: 1,
+            _pad: 0,
+            last_used_ns: now - age * SECOND,
+        };
+        affinity.insert(record(i, service_id), value, 0).unwrap();
+    }
+    assert_eq!(
+        sweep(&t.root, FlowMap::UdpFlows, &AtomicU64::new(0)).unwrap(),
+        2
+    );
+    assert_eq!(
+        sweep(&t.root, FlowMap::Affinity, &AtomicU64::new(0)).unwrap(),
+        3
+    );
+    for (i, (age, survives)) in flows.iter().enumerate() {
+        let left = udp_flows
+            .get(&gc_key(i, PROTO_UDP, POL_DIR_EGRESS), 0)
+            .is_ok();
+        assert_eq!(left, *survives, "UDP_FLOWS: a flow seen {age} s ago");
+    }
+    for (i, &(service_id, age, survives)) in records.iter().enumerate() {
+        let left = affinity.get(&record(i, service_id), 0).is_ok();
+        assert_eq!(
+            left, survives,
+            "AFFINITY: service {service_id}, used {age} s ago"
+        );
+    }
+}
+
+/// The kernel does not report LRU evictions: the agent derives them as created − deleted −
+/// present. With a 64-entry conntrack and 100 flows (200 entries created), every created entry
+/// the map no longer holds was evicted, the garbage collection's deletions aside: the derived
+/// count equals the flows' entries found missing, before and after a collection.
+#[test]
+fn conntrack_evictions_are_created_minus_deleted_minus_present() {
+    use ferrovia_agent::datapath::conntrack::{FlowMap, sweep};
+    use ferrovia_agent::metrics::conntrack_evictions;
+    use ferrovia_common::{CtKey, CtValue};
+    use std::sync::atomic::AtomicU64;
+    wait_for_uptime(200 * SECOND);
+    let mut t = load_sized(
+        "ct-evictions",
+        MapSizes {
+            conntrack: 64,
+            ..small_maps()
+        },
+    );
+    let (_, errors) = t.dp.as_mut().unwrap().sync_frontends(&base_frontends());
+    assert!(errors.is_empty(), "{errors:?}");
+    let flows: Vec<u16> = (0..100).map(|i| 42000 + i).collect();
+    for &sport in &flows {
+        assert_eq!(
+            run(&t, "from_pod", &udp(CLIENT, sport, VIP, 53, b"q")).0,
+            TC_ACT_OK
+        );
+    }
+    let created = counter(&t, "ct_created");
+    assert_eq!(created, 200, "two entries per flow");
+    let mut ct = pinned_map::<CtKey, CtValue>(&t, "CONNTRACK");
+    let keys: Vec<CtKey> = flows.iter().flat_map(|&s| udp_vip_flow_keys(s)).collect();
+    let present = |ct: &aya::maps::HashMap<_, CtKey, CtValue>| {
+        keys.iter().filter(|k| ct.get(k, 0).is_ok()).count() as u64
+    };
+    let entries = ct.keys().count() as u64;
+    assert!(entries <= 64, "{entries}");
+    assert_eq!(entries, present(&ct), "nothing but the flows' entries");
+    assert_eq!(
+        conntrack_evictions(created, 0, entries),
+        200 - present(&ct),
+        "evicted: the flows' entries the map lost"
+    );
+    // The collection deletes the entries of the last 10 flows that are left, aged past the
+    // UDP timeout (each rewrite may evict another entry: the map is full).
+    for &sport in &flows[90..] {
+        for key in udp_vip_flow_keys(sport) {
+            if let Ok(mut value) = ct.get(&key, 0) {
+                value.last_seen_ns = monotonic_ns() - 130_000_000_000;
+                ct.insert(key, value, 0).unwrap();
+            }
+        }
+    }
+    let evicted = 200 - present(&ct);
+    let total = AtomicU64::new(7);
+    let deleted = sweep(&t.root, FlowMap::Conntrack, &total).unwrap();
+    assert!(deleted > 0, "aged entries were left to delete");
+    assert_eq!(
+        total.into_inner(),
+        7 + deleted,
+        "added to the running total"
+    );
+    assert_eq!(
+        200 - present(&ct),
+        evicted + deleted,
+        "the collection deleted them"
+    );
+    assert_eq!(
+        counter(&t, "ct_created"),
+        200,
+        "the collection creates nothing"
+    );
+    assert_eq!(
+        conntrack_evictions(200, deleted, ct.keys().count() as u64),
+        evicted,
+        "evictions stay what the LRU took, the collected entries aside"
+    );
+}

@@ -44,17 +44,30 @@ pub enum Path4 {
     FerroviaSocket,
     /// ferrovia, per-packet only (`--socket-lb=false`).
     FerroviaTc,
+    /// ferrovia per packet with its flow events off (`--flow-events-rate 0`): beside
+    /// `FerroviaTc`, what the events cost.
+    FerroviaTcNoEvents,
 }
 
 impl Path4 {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Direct,
         Self::IptablesNft,
         Self::IptablesLegacy,
         Self::Nftables,
         Self::FerroviaSocket,
         Self::FerroviaTc,
+        Self::FerroviaTcNoEvents,
     ];
+
+    /// Whether the path is ferrovia (its programs' cost is measured).
+    #[must_use]
+    pub fn is_ferrovia(self) -> bool {
+        matches!(
+            self,
+            Self::FerroviaSocket | Self::FerroviaTc | Self::FerroviaTcNoEvents
+        )
+    }
 
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -65,6 +78,7 @@ impl Path4 {
             Self::Nftables => "nftables",
             Self::FerroviaSocket => "ferrovia-socket",
             Self::FerroviaTc => "ferrovia-tc",
+            Self::FerroviaTcNoEvents => "ferrovia-tc-noevents",
         }
     }
 
@@ -269,6 +283,9 @@ impl BenchCluster {
             }
             Path4::FerroviaSocket | Path4::FerroviaTc => {
                 self.ferrovia_on(path == Path4::FerroviaSocket, &svcs, &[])
+            }
+            Path4::FerroviaTcNoEvents => {
+                self.ferrovia_on(false, &svcs, &["--flow-events-rate=0".to_owned()])
             }
         }
     }

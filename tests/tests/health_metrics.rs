@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferrovia_tests::{Agent, AgentOpts, Node, openmetrics};
+use ferrovia_tests::{Agent, AgentOpts, Node, ProbeSpec, openmetrics};
 
 const METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9965));
 
@@ -262,4 +262,243 @@ fn syncs_are_timed_and_rejections_counted() {
     wait_for(&agent, "the second rejection counted", |m| {
         rejected(m) > errors.len() as f64
     });
+}
+
+/// A client and two pods behind one service, TCP and UDP on port 80.
+const LB: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec: {containers: [{name: echo, image: ferrovia-echo}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: default, labels: {app: lb}}
+spec: {containers: [{name: echo, image: ferrovia-echo}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, namespace: default, labels: {app: lb}}
+spec: {containers: [{name: echo, image: ferrovia-echo}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  clusterIP: 10.96.9.30
+  selector: {app: lb}
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 8080}
+  - {name: echo, protocol: UDP, port: 80, targetPort: 8080}
+";
+const LB_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 9, 30), 80));
+
+/// The selections of each backend of `lb`'s `port` in a scrape, by the `backend` label.
+fn selections(m: &openmetrics::Exposition, port: &str) -> std::collections::BTreeMap<String, f64> {
+    m.samples_named("ferrovia_service_backend_selections_total")
+        .filter(|s| s.labels["service"] == "lb" && s.labels["port"] == port)
+        .map(|s| (s.labels["backend"].clone(), s.value))
+        .collect()
+}
+
+/// A counter without labels (0 when absent).
+fn single(m: &openmetrics::Exposition, name: &str) -> f64 {
+    m.samples_named(name).map(|s| s.value).sum()
+}
+
+/// Waits until the node has been up `secs` (`CLOCK_MONOTONIC`, which conntrack ages count in):
+/// a VM of the kernel matrix runs the suites seconds after it boots.
+fn wait_for_uptime(secs: f64) {
+    loop {
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .expect("/proc/uptime")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("uptime");
+        if uptime >= secs {
+            return;
+        }
+        sleep(Duration::from_secs(1));
+    }
+}
+
+/// Rewrites the UDP entries of the pinned `CONNTRACK` as last seen at boot (long expired);
+/// returns how many.
+fn expire_udp_conntrack(node: &Node) -> usize {
+    let path = pin(node, "CONNTRACK");
+    let dump = node
+        .bpftool(&["map", "dump", "pinned", &path])
+        .expect("bpftool map dump CONNTRACK");
+    let hex = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("hex bytes")
+            .iter()
+            .map(|b| {
+                b.as_str()
+                    .expect("0x..")
+                    .trim_start_matches("0x")
+                    .to_owned()
+            })
+            .collect()
+    };
+    let mut n = 0;
+    for entry in dump.as_array().expect("entries") {
+        let key = hex(&entry["key"]);
+        let mut value = hex(&entry["value"]);
+        // CtKey: two 16-byte addresses, two ports, then the protocol. CtValue ends with
+        // `last_seen_ns`.
+        if key[36] != "11" {
+            continue;
+        }
+        let len = value.len();
+        value[len - 8..].fill("00".to_owned());
+        let mut args = vec!["bpftool", "map", "update", "pinned", &path, "key", "hex"];
+        args.extend(key.iter().map(String::as_str));
+        args.extend(["value", "hex"]);
+        args.extend(value.iter().map(String::as_str));
+        node.exec(&args).expect("bpftool map update");
+        n += 1;
+    }
+    n
+}
+
+/// Each backend of `lb`'s ports was selected, labelled by its pod, and the selections added
+/// between the two scrapes are the port's new connections (`(port, connections)`); in all,
+/// they add up to the port's connections.
+fn assert_selections(
+    before: &openmetrics::Exposition,
+    after: &openmetrics::Exposition,
+    body: &str,
+    ports: [(&str, f64); 2],
+) {
+    let pods: std::collections::BTreeSet<String> =
+        ["default/web-a", "default/web-b"].map(str::to_owned).into();
+    for (port, connections) in ports {
+        let (was, now) = (selections(before, port), selections(after, port));
+        assert_eq!(
+            now.keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
+            pods,
+            "{port}: every backend chosen, by its pod\n{body}"
+        );
+        let added: f64 = now
+            .iter()
+            .map(|(b, v)| v - was.get(b).copied().unwrap_or(0.0))
+            .sum();
+        assert_eq!(added, connections, "{port}\n{body}");
+        let total: f64 = after
+            .samples_named("ferrovia_service_connections_total")
+            .filter(|s| s.labels["service"] == "lb" && s.labels["port"] == port)
+            .map(|s| s.value)
+            .sum();
+        assert_eq!(
+            now.values().sum::<f64>(),
+            total,
+            "{port}: the selections add up to the port's connections\n{body}"
+        );
+    }
+}
+
+/// Expires the UDP flows' conntrack entries (`flows` flows, two entries each) and waits for
+/// the agent's garbage collection to delete and count them.
+fn assert_collected(node: &Node, agent: &Agent, flows: f64) {
+    wait_for_uptime(130.0);
+    let collected = |m: &openmetrics::Exposition| {
+        value(
+            m,
+            "ferrovia_conntrack_gc_deleted_total",
+            &[("map", "CONNTRACK")],
+        )
+    };
+    let (was, _) = scrape(agent);
+    let expired = expire_udp_conntrack(node) as f64;
+    assert_eq!(expired, 2.0 * flows, "the UDP flows' entries");
+    wait_for(agent, "the expired entries collected", |m| {
+        collected(m) - collected(&was) >= expired
+    });
+    let (now, body) = scrape(agent);
+    assert_eq!(collected(&now) - collected(&was), expired, "{body}");
+    assert_eq!(
+        value(&now, "ferrovia_conntrack_entries", &[]),
+        value(&was, "ferrovia_conntrack_entries", &[]) - expired,
+        "{body}"
+    );
+    assert_eq!(
+        single(&now, "ferrovia_conntrack_evictions_total"),
+        0.0,
+        "collected, not evicted\n{body}"
+    );
+}
+
+/// Real traffic through a VIP with two backends: each TCP connection (socket hooks) and each
+/// UDP flow (per-packet path, two conntrack entries) is one selection, labelled by the pod it
+/// went to, and the selections add up to the port's connections; the conntrack families agree
+/// with the map and see no eviction; entries that expire are collected by the agent's
+/// garbage collection (every second here) and counted.
+#[test]
+fn backend_selections_and_conntrack_follow_real_traffic() {
+    let node = Node::new().expect("creating the node");
+    let agent = node
+        .start_agent(AgentOpts {
+            metrics_addr: Some(METRICS_ADDR),
+            extra_args: vec!["--conntrack-gc-interval=1".into()],
+            ..AgentOpts::default()
+        })
+        .expect("starting ferrovia-agent");
+    let client = node.add_pod("default", "client").expect("CNI ADD client");
+    let backends = ["web-a", "web-b"].map(|name| node.add_pod("default", name).expect("CNI ADD"));
+    node.write_manifest("lb.yaml", LB).expect("manifest");
+    assert_eq!(agent.sync().expect("sync"), Vec::<String>::new());
+    let _serving: Vec<_> = backends
+        .iter()
+        .map(|p| p.serve(&["tcp:8080", "udp:8080"]).expect("echo server"))
+        .collect();
+    let (before, _) = scrape(&agent);
+    let n = 20;
+    let tcp = client
+        .probe(&ProbeSpec::tcp(LB_VIP).count(n))
+        .expect("TCP probe");
+    assert!(tcp.iter().all(|r| r.ok), "{tcp:?}");
+    let udp = client
+        .probe(&ProbeSpec::udp(LB_VIP).count(n))
+        .expect("UDP probe");
+    assert!(udp.iter().all(|r| r.ok), "{udp:?}");
+    // A new socket per request; the kernel may give a closed one's port again, and a datagram
+    // on a live flow's tuple is no new flow.
+    let flows = udp
+        .iter()
+        .map(|r| r.local_addr().expect("the probe's address"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as f64;
+    let (after, body) = scrape(&agent);
+
+    assert_selections(
+        &before,
+        &after,
+        &body,
+        [("http", n as f64), ("echo", flows)],
+    );
+    // The UDP flows went through the per-packet path: two entries each, none evicted.
+    let created = |m| single(m, "ferrovia_conntrack_created_total");
+    assert_eq!(created(&after) - created(&before), 2.0 * flows, "{body}");
+    let entries = value(&after, "ferrovia_conntrack_entries", &[]);
+    assert_eq!(
+        entries,
+        value(&after, "ferrovia_map_entries", &[("map", "CONNTRACK")]),
+        "{body}"
+    );
+    assert!(entries >= 2.0 * flows, "{body}");
+    assert_eq!(
+        single(&after, "ferrovia_conntrack_evictions_total"),
+        0.0,
+        "{body}"
+    );
+    let maps = after.label_values("ferrovia_conntrack_gc_deleted_total", "map");
+    for map in ["CONNTRACK", "POLICY_CT", "UDP_FLOWS", "AFFINITY"] {
+        assert!(maps.contains(map), "{map}\n{body}");
+    }
+
+    assert_collected(&node, &agent, flows);
 }

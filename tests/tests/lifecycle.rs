@@ -39,7 +39,7 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const MORE: usize = 20;
 
 /// The maps the agent pins (agent/src/datapath/mod.rs `MAP_NAMES`).
-const MAP_NAMES: [&str; 19] = [
+const MAP_NAMES: [&str; 22] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -59,6 +59,9 @@ const MAP_NAMES: [&str; 19] = [
     "POD_STATS",
     "UDP_FLOWS",
     "FRONTEND_STATS",
+    "BACKEND_STATS",
+    "FLOW_LIMIT",
+    "FLOW_CONFIG",
 ];
 
 fn vip() -> SocketAddr {

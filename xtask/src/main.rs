@@ -5,7 +5,8 @@
 //! - `test [--host-only] [-- ARGS]`: `setup`, a build of the binaries, the workspace's tests,
 //!   then every suite in VMs on kernels 6.1 and the newest pinned (`vm.rs`).
 //! - `demo [-- ARGS]`: `setup`, a build, then the demo (`ferrovia-demo` in `tests/`).
-//! - `bench [-- ARGS]`: `setup`, a release build, then `ferrovia-bench` (results in `target/bench/`).
+//! - `bench [--scrape-only|--no-scrape] [-- ARGS]`: `setup`, a release build, then `ferrovia-bench`
+//!   (results in `target/bench/`) and `ferrovia-scrape-bench`.
 //! - `vm-test [--kernel L] [--suite S]`: `setup`, then the suites in VMs on pinned kernels
 //!   (`vm.rs`; what it keeps is under `target/vm-test/`).
 //!
@@ -55,9 +56,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run setup, a release build, then the benchmarks (`ferrovia-bench`, results in
-    /// `target/bench/`); arguments after `--` are passed on to it (`-- --help`).
+    /// Run setup, a release build, then the benchmarks: the data paths side by side
+    /// (`ferrovia-bench`, results in `target/bench/`; arguments after `--` are passed on to
+    /// it, `-- --help`), then the cost of a `/metrics` scrape with 0 and 1,000 pods
+    /// (`ferrovia-scrape-bench`).
     Bench {
+        /// Only the scrape benchmark.
+        #[arg(long)]
+        scrape_only: bool,
+        /// Skip the scrape benchmark.
+        #[arg(long, conflicts_with = "scrape_only")]
+        no_scrape: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -114,14 +123,26 @@ fn main() -> anyhow::Result<()> {
                 },
             )
         }
-        Task::Bench { args } => {
+        Task::Bench {
+            scrape_only,
+            no_scrape,
+            args,
+        } => {
             setup::run()?;
             step("cargo build --release (binaries)");
             run_checked(cargo(&root).args(["build", "--release", "--bins"]))?;
-            step("ferrovia-bench");
-            let mut bench = Command::new(root.join("target/release/ferrovia-bench"));
-            bench.current_dir(&root).args(&args);
-            exec(bench)
+            if !scrape_only {
+                step("ferrovia-bench");
+                let mut bench = Command::new(root.join("target/release/ferrovia-bench"));
+                run_checked(bench.current_dir(&root).args(&args))?;
+            }
+            if no_scrape {
+                return Ok(());
+            }
+            step("ferrovia-scrape-bench");
+            let mut scrape = Command::new(root.join("target/release/ferrovia-scrape-bench"));
+            scrape.current_dir(&root);
+            exec(scrape)
         }
         Task::Demo { args } => {
             setup::run()?;

@@ -135,6 +135,14 @@ const SUITES: &[Suite] = &[
         name: "health",
         prepare: |root| e2e_suite(root, "health_metrics"),
     },
+    Suite {
+        name: "flows",
+        prepare: |root| e2e_suite(root, "flows"),
+    },
+    Suite {
+        name: "explain",
+        prepare: |root| e2e_suite(root, "explain"),
+    },
 ];
 
 /// QEMU from bookworm-backports: bookworm's own conflicts with the installed qemu-utils.

@@ -7,6 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use ferrovia_proto::v1;
 use serde_json::{Value, json};
 
+mod explain;
+
+pub use explain::{explain_json, explain_table};
+
 /// `ListServices` as JSON: `{"frontends": [...], "skipped": [...]}`.
 #[must_use]
 pub fn services_json(resp: &v1::ListServicesResponse) -> Value {

@@ -12,6 +12,8 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use super::explain::{ExplainQuery, Explainer};
+use super::flows::FlowFeed;
 use super::inventory::Inventory;
 use super::registry::{PodRegistration, PodRegistry};
 
@@ -21,7 +23,7 @@ use super::registry::{PodRegistration, PodRegistry};
 /// Creates the socket's directory (mode 0700) when missing, replaces a stale socket left by
 /// a previous agent, refuses to start when another agent still answers on it, and makes the
 /// socket 0600. The socket file is removed when serving ends, however it ends.
-pub async fn serve<R: PodRegistry + Inventory>(
+pub async fn serve<R: PodRegistry + Inventory + Explainer + FlowFeed>(
     socket: &Path,
     registry: Arc<R>,
     shutdown: impl Future<Output = ()> + Send,
@@ -95,7 +97,7 @@ struct AgentService<R> {
 }
 
 #[tonic::async_trait]
-impl<R: PodRegistry + Inventory> Agent for AgentService<R> {
+impl<R: PodRegistry + Inventory + Explainer + FlowFeed> Agent for AgentService<R> {
     async fn register_pod(
         &self,
         request: Request<v1::RegisterPodRequest>,
@@ -191,20 +193,20 @@ impl<R: PodRegistry + Inventory> Agent for AgentService<R> {
 
     async fn explain(
         &self,
-        _request: Request<v1::ExplainRequest>,
+        request: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Status> {
-        Err(Status::unimplemented("Explain"))
+        let query = ExplainQuery::try_from(request.into_inner())?;
+        Ok(Response::new(self.registry.explain(query).await?.into()))
     }
 
-    type FlowsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<v1::FlowEvent, Status>> + Send + 'static>,
-    >;
+    type FlowsStream = super::flows::FlowStream;
 
     async fn flows(
         &self,
-        _request: Request<v1::FlowsRequest>,
+        request: Request<v1::FlowsRequest>,
     ) -> Result<Response<Self::FlowsStream>, Status> {
-        Err(Status::unimplemented("Flows"))
+        let hub = self.registry.flow_hub().await;
+        super::flows::stream(hub, request.get_ref()).map(Response::new)
     }
 }
 

@@ -6,6 +6,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::explain::{
+    ExplainQuery, ExplainedPath, ExplainedService, Explainer, Explanation, FlowEnd, PolicyDecision,
+    PolicyRule,
+};
 use super::inventory::{
     FrontendType, Inventory, MapList, PodState, PolicyList, PolicyState, PortEndpoints,
     ServiceFrontend, ServiceList,
@@ -15,12 +19,29 @@ use crate::datapath::TcMode;
 use crate::datapath::inventory::{MapStats, PinnedMap};
 use crate::model::endpoints::Endpoint;
 use crate::model::{FrontendKey, ObjRef, Protocol, Skipped};
+use ferrovia_common::verdict;
 
 /// Keeps registrations in a map; a pod whose `name` is `"unattached"` registers but fails
 /// `check`, to exercise `NotReady`.
-#[derive(Default)]
 pub(crate) struct TestRegistry {
     pub(crate) pods: Mutex<HashMap<String, PodRegistration>>,
+    /// The flow events `Flows` serves (events published by the test itself).
+    pub(crate) flows: Arc<crate::flows::FlowHub>,
+}
+
+impl Default for TestRegistry {
+    fn default() -> Self {
+        Self {
+            pods: Mutex::default(),
+            flows: crate::flows::FlowHub::new(16),
+        }
+    }
+}
+
+impl super::FlowFeed for TestRegistry {
+    async fn flow_hub(&self) -> Option<Arc<crate::flows::FlowHub>> {
+        Some(Arc::clone(&self.flows))
+    }
 }
 
 impl PodRegistry for TestRegistry {
@@ -177,6 +198,101 @@ impl Inventory for TestRegistry {
                     stats: Err("not pinned".into()),
                 },
             ],
+        })
+    }
+}
+
+/// A fixed answer for any flow: the source is the client pod of this node; a destination
+/// `10.96.0.10` is the `web` frontend with two backends, one denied by ingress policy, any other
+/// the destination itself; `"no/such"` as an end is an unknown pod.
+impl Explainer for TestRegistry {
+    async fn explain(&self, query: ExplainQuery) -> Result<Explanation, ApiError> {
+        for (field, end) in [
+            ("source", &query.source),
+            ("destination", &query.destination),
+        ] {
+            if end == "no/such" {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{field}: no pod {end} is registered on this node"
+                )));
+            }
+        }
+        let pod = |name: &str| Some(ObjRef::new("default", name));
+        let end = |address: [u8; 4], name: &str| FlowEnd {
+            address: address.into(),
+            pod: pod(name),
+            local: true,
+        };
+        let decision = |name: &str, reason, rules: Vec<PolicyRule>| PolicyDecision {
+            pod: ObjRef::new("default", name),
+            reason,
+            rules,
+        };
+        let rule = |name: &str, rule| PolicyRule {
+            policy: ObjRef::new("default", name),
+            rule,
+        };
+        let egress = decision(
+            "client",
+            verdict::ALLOW_RULE,
+            vec![rule("client-out", Some(0))],
+        );
+        let web = query.destination == "10.96.0.10";
+        let paths = if web {
+            vec![
+                ExplainedPath {
+                    backend: end([10, 250, 0, 2], "web-a"),
+                    port: 9376,
+                    egress: Some(egress.clone()),
+                    ingress: Some(decision(
+                        "web-a",
+                        verdict::ALLOW_RULE,
+                        vec![rule("web-in", Some(1))],
+                    )),
+                },
+                ExplainedPath {
+                    backend: end([10, 250, 0, 3], "web-b"),
+                    port: 9376,
+                    egress: Some(egress),
+                    ingress: Some(decision(
+                        "web-b",
+                        verdict::DENY_PORT,
+                        vec![rule("web-in", None)],
+                    )),
+                },
+            ]
+        } else {
+            vec![ExplainedPath {
+                backend: FlowEnd {
+                    address: [192, 0, 2, 1].into(),
+                    pod: None,
+                    local: false,
+                },
+                port: query.port,
+                egress: Some(egress),
+                ingress: None,
+            }]
+        };
+        Ok(Explanation {
+            source: end([10, 250, 0, 9], "client"),
+            destination: FlowEnd {
+                address: if web { [10, 96, 0, 10] } else { [192, 0, 2, 1] }.into(),
+                pod: None,
+                local: false,
+            },
+            protocol: query.protocol,
+            port: query.port,
+            service: web.then(|| ExplainedService {
+                service: pod("web"),
+                port_name: "http".into(),
+                kind: Some(FrontendType::ClusterIp),
+                service_id: 7,
+                rejects: false,
+                affinity_timeout_s: Some(60),
+            }),
+            paths,
+            policy_enforced: true,
+            notes: vec!["an example note".into()],
         })
     }
 }

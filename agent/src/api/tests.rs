@@ -323,3 +323,82 @@ async fn read_only_views_round_trip() {
 
     server.stop().await.unwrap();
 }
+
+#[test_log::test(tokio::test)]
+async fn explain_answers_with_verdicts_and_refuses_bad_requests_by_field() {
+    let server = TestServer::start().await;
+    let mut client = connect(&server.socket).await.expect("connect");
+    let request = |source: &str, protocol: &str, port| v1::ExplainRequest {
+        source: source.into(),
+        destination: "10.96.0.10".into(),
+        protocol: protocol.into(),
+        port,
+    };
+
+    let answer = client
+        .explain(request("default/client", "tcp", 80))
+        .await
+        .expect("explain")
+        .into_inner();
+    assert_eq!((answer.protocol.as_str(), answer.port), ("TCP", 80));
+    assert!(answer.policy_enforced);
+    let service = answer.service.expect("a frontend");
+    assert_eq!(
+        (
+            service.namespace.as_str(),
+            service.name.as_str(),
+            service.r#type.as_str(),
+            service.service_id,
+            service.affinity_timeout_s,
+        ),
+        ("default", "web", "ClusterIP", 7, 60)
+    );
+    let verdicts: Vec<_> = answer
+        .paths
+        .iter()
+        .map(|p| {
+            let ingress = p.ingress.as_ref().unwrap();
+            let rules: Vec<_> = ingress
+                .rules
+                .iter()
+                .map(|r| format!("{}/{}#{}", r.namespace, r.name, r.rule))
+                .collect();
+            (
+                p.backend.as_ref().unwrap().pod.clone(),
+                ingress.reason.clone(),
+                rules,
+                p.allowed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            (
+                "default/web-a".to_owned(),
+                "allowed-by-rule".to_owned(),
+                vec!["default/web-in#1".to_owned()],
+                true
+            ),
+            (
+                "default/web-b".to_owned(),
+                "denied-by-port".to_owned(),
+                vec!["default/web-in#-1".to_owned()],
+                false
+            ),
+        ]
+    );
+
+    for (bad, field) in [
+        (request("default/client", "icmp", 80), "protocol"),
+        (request("default/client", "udp", 0), "port"),
+        (request("default/client", "udp", 70_000), "port"),
+        (request("", "udp", 53), "source"),
+        (request("no/such", "udp", 53), "source"),
+    ] {
+        let err = client.explain(bad.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+        assert!(err.message().starts_with(field), "{bad:?}: {err:?}");
+    }
+    server.stop().await.unwrap();
+}

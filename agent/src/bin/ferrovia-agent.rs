@@ -11,7 +11,8 @@ use anyhow::{Context as _, Result};
 use clap::{ArgAction, Parser};
 use ferrovia_agent::{
     api,
-    datapath::{Datapath, DatapathConfig, MapSizes},
+    datapath::{Datapath, DatapathConfig, FlowRate, MapSizes},
+    flows::FlowHub,
     metrics,
     node::{Node, Reload},
     source::{ManifestsSource, StateSource as _},
@@ -77,6 +78,38 @@ struct Args {
     /// possible CPU).
     #[arg(long, default_value_t = MapSizes::default().frontend_stats)]
     map_frontend_stats: u32,
+    /// Capacity of the per-backend selection counters (per-CPU, 8 bytes per backend and
+    /// possible CPU).
+    #[arg(long, default_value_t = MapSizes::default().backend_stats)]
+    map_backend_stats: u32,
+    /// Seconds between two sweeps of the flow maps (service and policy conntrack, UDP flows,
+    /// affinity) for expired entries, which the programs never delete; 0 leaves them to LRU
+    /// eviction.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    conntrack_gc_interval: u64,
+    /// Flow events (`ferrovia flows`) per pod and CPU per second at most, on average; 0 turns
+    /// them off. A pod's events beyond it are counted and dropped in the kernel.
+    #[arg(long, default_value_t = FlowRate::default().per_second)]
+    flow_events_rate: u32,
+    /// Flow events a pod may emit in a burst above the rate (per CPU).
+    #[arg(long, default_value_t = FlowRate::default().burst)]
+    flow_events_burst: u32,
+    /// Flow events the agent keeps for `ferrovia flows` without --follow.
+    #[arg(long, default_value_t = 4096)]
+    flow_events_recent: usize,
+    /// Size of the flow events' ring buffer in bytes (a power of two, at least 4096; 48 bytes
+    /// an event).
+    #[arg(long, default_value_t = MapSizes::default().flow_events_bytes, value_parser = ring_size)]
+    map_flow_events: u32,
+}
+
+/// A ring buffer's size: a power of two, at least a page.
+fn ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n}: must be a power of two of at least 4096"));
+    }
+    Ok(n)
 }
 
 /// The root of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
@@ -121,6 +154,44 @@ fn manifests(
     (source, reload, rejections)
 }
 
+/// Loads the data path as the flags say, with the flow events' rate set.
+fn load_datapath(args: &Args) -> Result<(Datapath, FlowRate)> {
+    let cgroup = if args.socket_lb {
+        Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?)
+    } else {
+        None
+    };
+    let sizes = MapSizes {
+        services: args.map_services,
+        backends: args.map_backends,
+        conntrack: args.map_conntrack,
+        affinity: args.map_affinity,
+        policy_peers: args.map_policy_peers,
+        policy_ct: args.map_policy_ct,
+        pod_stats: args.map_pod_stats,
+        frontend_stats: args.map_frontend_stats,
+        backend_stats: args.map_backend_stats,
+        flow_events_bytes: args.map_flow_events,
+        ..MapSizes::default()
+    };
+    let mut datapath = Datapath::load(DatapathConfig {
+        bpffs_root: args.bpffs_root.clone(),
+        socket_lb_cgroup: cgroup,
+        sizes,
+        prefer_tcx: !args.no_tcx,
+        network_policy: args.network_policy,
+    })?;
+
+    let flow_rate = FlowRate {
+        per_second: args.flow_events_rate,
+        burst: args.flow_events_burst,
+    };
+    datapath
+        .set_flow_rate(flow_rate)
+        .context("--flow-events-rate/--flow-events-burst")?;
+    Ok((datapath, flow_rate))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     // Colours only on a terminal: a DaemonSet's log or a file gets plain text.
@@ -149,29 +220,7 @@ async fn main() -> Result<()> {
         });
     }
 
-    let cgroup = if args.socket_lb {
-        Some(args.cgroup_path.clone().map_or_else(cgroup2_root, Ok)?)
-    } else {
-        None
-    };
-    let sizes = MapSizes {
-        services: args.map_services,
-        backends: args.map_backends,
-        conntrack: args.map_conntrack,
-        affinity: args.map_affinity,
-        policy_peers: args.map_policy_peers,
-        policy_ct: args.map_policy_ct,
-        pod_stats: args.map_pod_stats,
-        frontend_stats: args.map_frontend_stats,
-        ..MapSizes::default()
-    };
-    let datapath = Datapath::load(DatapathConfig {
-        bpffs_root: args.bpffs_root.clone(),
-        socket_lb_cgroup: cgroup,
-        sizes,
-        prefer_tcx: !args.no_tcx,
-        network_policy: args.network_policy,
-    })?;
+    let (datapath, flow_rate) = load_datapath(&args)?;
 
     let sync_metrics = endpoint.sync_metrics();
     let (source, reload, rejections) = manifests(&args.manifests, &sync_metrics);
@@ -185,6 +234,13 @@ async fn main() -> Result<()> {
     // The first full sync happens before the API socket exists: its presence means ready,
     // and so does /readyz.
     node.resync_now().await;
+    if flow_rate.per_second > 0 {
+        node.start_flows(FlowHub::new(args.flow_events_recent))
+            .await?;
+    }
+    if args.conntrack_gc_interval > 0 {
+        node.start_conntrack_gc(std::time::Duration::from_secs(args.conntrack_gc_interval));
+    }
     endpoint.ready(Arc::clone(&node) as Arc<dyn metrics::MetricsSource>);
     // A rejection that changes nothing in the desired state starts no sync: scrapes see it.
     endpoint.watch_rejections(rejections.clone());

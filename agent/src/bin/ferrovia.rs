@@ -37,6 +37,35 @@ enum Command {
     /// The read-only views.
     #[command(flatten)]
     View(View),
+    /// Flow and verdict events of this node's pods (new connections, drops with reason):
+    /// the most recent ones, then with --follow new ones until interrupted. `-o json`: one
+    /// object per line.
+    Flows(FlowsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FlowsArgs {
+    /// After the recent events, print new ones as they come.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// How many recent events to print first.
+    #[arg(long, default_value_t = 100)]
+    last: u32,
+    /// Only events at this pod's interface: namespace/name, or a name in any namespace.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only events at pods of this namespace.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// allowed, denied (by `NetworkPolicy`) or dropped (for any reason).
+    #[arg(long)]
+    verdict: Option<String>,
+    /// TCP or UDP.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// The destination port, before or after service translation.
+    #[arg(long)]
+    port: Option<u16>,
 }
 
 /// What the agent serves and holds, as tables or `-o json` (field names: `ferrovia.proto`).
@@ -52,6 +81,30 @@ enum View {
     Pods,
     /// Every pinned map: type, key and value sizes, capacity, entries, fill.
     Maps,
+    /// What the data path would do with a new flow, read from the live maps: the service
+    /// translation, its backends, and per backend the source pod's egress and the backend
+    /// pod's ingress verdict with the policies and rules behind it.
+    /// Example: `ferrovia explain default/client 10.96.0.10 tcp/80`.
+    Explain {
+        /// An IPv4 address, or a pod of this node as namespace/name.
+        source: String,
+        /// An IPv4 address (a pod's, a service's...), or a pod of this node as namespace/name.
+        destination: String,
+        /// The destination's protocol and port: tcp/80, udp/53.
+        #[arg(value_name = "PROTO/PORT", value_parser = proto_port)]
+        flow: (String, u32),
+    },
+}
+
+/// `tcp/80` → ("tcp", 80); the agent checks the protocol and the port's range.
+fn proto_port(s: &str) -> Result<(String, u32), String> {
+    let (protocol, port) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not PROTO/PORT (e.g. tcp/80)"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+    Ok((protocol.to_owned(), port))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -61,6 +114,7 @@ async fn main() -> Result<()> {
     match args.command {
         Command::Status => status(&mut client, args.output).await,
         Command::Sync => sync(&mut client, args.output).await,
+        Command::Flows(flows) => follow_flows(&mut client, flows, args.output).await,
         Command::View(view) => {
             let (json, table) = read_view(&mut client, view).await?;
             match args.output {
@@ -142,6 +196,30 @@ async fn sync(client: &mut AgentClient<Channel>, output: Output) -> Result<()> {
     Ok(())
 }
 
+async fn follow_flows(
+    client: &mut AgentClient<Channel>,
+    args: FlowsArgs,
+    output: Output,
+) -> Result<()> {
+    let req = v1::FlowsRequest {
+        pod: args.pod.unwrap_or_default(),
+        namespace: args.namespace.unwrap_or_default(),
+        verdict: args.verdict.unwrap_or_default(),
+        protocol: args.protocol.unwrap_or_default(),
+        port: args.port.map_or(0, u32::from),
+        follow: args.follow,
+        last: args.last,
+    };
+    let mut stream = client.flows(req).await.context("Flows")?.into_inner();
+    while let Some(ev) = stream.message().await.context("Flows")? {
+        match output {
+            Output::Json => println!("{}", api::flows::flow_json(&ev)),
+            Output::Table => println!("{}", api::flows::flow_line(&ev)),
+        }
+    }
+    Ok(())
+}
+
 /// One of the read-only views, rendered both ways: (JSON, table).
 async fn read_view(
     client: &mut AgentClient<Channel>,
@@ -172,6 +250,20 @@ async fn read_view(
             let r = client.get_maps(v1::GetMapsRequest {});
             let r = r.await.context("GetMaps")?.into_inner();
             (render::maps_json(&r), render::maps_table(&r))
+        }
+        View::Explain {
+            source,
+            destination,
+            flow: (protocol, port),
+        } => {
+            let r = client.explain(v1::ExplainRequest {
+                source,
+                destination,
+                protocol,
+                port,
+            });
+            let r = r.await.context("Explain")?.into_inner();
+            (render::explain_json(&r), render::explain_table(&r))
         }
     })
 }

@@ -3,6 +3,10 @@
 //! about Kubernetes semantics (that is the model's job).
 pub mod addr;
 pub mod attach;
+pub mod backend_stats;
+pub mod conntrack;
+pub mod events;
+pub mod explain;
 pub mod inventory;
 pub mod netns;
 pub mod policy;
@@ -13,6 +17,7 @@ pub mod verifier;
 use std::{
     collections::BTreeMap,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -27,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Desired, Protocol, policy::PolicyDesired};
 pub use attach::TcMode;
+pub use events::FlowRate;
 pub use policy::{PolicyError, PolicyReport};
 pub use services::{FrontendSpec, SyncReport, WriteError};
 
@@ -38,7 +44,7 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const KERNEL_LACKS: &str = "KERNEL-LACKS:";
 
 /// Map names, as pinned under the bpffs root.
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 22] = [
     "SERVICES",
     "BACKENDS",
     "CONNTRACK",
@@ -58,6 +64,9 @@ pub const MAP_NAMES: [&str; 19] = [
     "POD_STATS",
     "UDP_FLOWS",
     "FRONTEND_STATS",
+    "BACKEND_STATS",
+    "FLOW_LIMIT",
+    "FLOW_CONFIG",
 ];
 
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -85,8 +94,13 @@ pub struct MapSizes {
     pub pod_stats: u32,
     /// Frontends counted (`FRONTEND_STATS`, per-CPU: 16 bytes per entry and possible CPU).
     pub frontend_stats: u32,
+    /// Backends counted (`BACKEND_STATS`, per-CPU: 8 bytes per entry and possible CPU).
+    pub backend_stats: u32,
     /// UDP flows remembered for the pods' new-connection counts (`UDP_FLOWS`, LRU).
     pub udp_flows: u32,
+    /// The flow events' ring buffer (`FLOW_EVENTS`), in bytes: a power of two, at least a
+    /// page. 40-byte events (+ 8 of header each).
+    pub flow_events_bytes: u32,
 }
 
 impl Default for MapSizes {
@@ -105,7 +119,9 @@ impl Default for MapSizes {
             policy_verdicts: 65_536,
             pod_stats: 1_024,
             frontend_stats: 16_384,
+            backend_stats: 65_536,
             udp_flows: 65_536,
+            flow_events_bytes: 1 << 20,
         }
     }
 }
@@ -148,6 +164,10 @@ pub struct Datapath {
     counters: PerCpuArray<aya::maps::MapData, u64>,
     pod_stats: stats::PodStatsMap,
     frontend_stats: stats::FrontendStatsMap,
+    backend_stats: backend_stats::BackendStatsMap,
+    flow_config: Array<aya::maps::MapData, ferrovia_common::FlowConfig>,
+    /// The flow events' ring buffer until [`Datapath::take_flow_events`] hands it to a reader.
+    flow_events: Option<aya::maps::Map>,
     /// What this kernel cannot do as designed, found by loading (not by version strings).
     degraded: Vec<String>,
 }
@@ -155,7 +175,7 @@ pub struct Datapath {
 /// Named totals of the per-CPU `COUNTERS` map.
 pub type Counters = BTreeMap<&'static str, u64>;
 
-const COUNTER_NAMES: [(&str, u32); 13] = [
+const COUNTER_NAMES: [(&str, u32); 16] = [
     ("malformed", counter::MALFORMED),
     ("fragment", counter::FRAGMENT),
     ("xlate_new", counter::XLATE_NEW),
@@ -169,6 +189,9 @@ const COUNTER_NAMES: [(&str, u32); 13] = [
     ("hairpin", counter::HAIRPIN),
     ("drop_xlate_error", counter::DROP_XLATE_ERROR),
     ("drop_policy", counter::DROP_POLICY),
+    ("flow_lost", counter::FLOW_LOST),
+    ("flow_suppressed", counter::FLOW_SUPPRESSED),
+    ("ct_created", counter::CT_CREATED),
 ];
 
 impl Datapath {
@@ -211,10 +234,6 @@ impl Datapath {
         }
         probe_kernel(&mut cfg, &mut degraded);
 
-        let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing"))
-        };
         let services = HashMap::try_from(take(&mut ebpf, "SERVICES")?)?;
         let backends = HashMap::try_from(take(&mut ebpf, "BACKENDS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
@@ -227,15 +246,13 @@ impl Datapath {
         .context("reading the pinned service maps")?;
         let pod_netns = HashMap::try_from(take(&mut ebpf, "POD_NETNS")?)?;
         let netns_probe = netns::clear_probes(HashMap::try_from(take(&mut ebpf, "NETNS_PROBE")?)?);
-        let pod_stats =
-            stats::PodStatsMap::new(PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?);
-        let mut frontend_stats = stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(
-            &mut ebpf,
-            "FRONTEND_STATS",
-        )?)?);
-        // Counters of frontends gone while the agent was down, before a new frontend could be
-        // given their id.
-        frontend_stats.retain(&services.service_ids().into_values().collect());
+        let mut pod_stats = stats::PodStatsMap::new(
+            PerCpuHashMap::try_from(take(&mut ebpf, "POD_STATS")?)?,
+            PerCpuHashMap::try_from(take(&mut ebpf, "FLOW_LIMIT")?)?,
+        );
+        pod_stats.ensure_socket_bucket()?;
+        let (flow_config, flow_events) = events::take(&mut ebpf)?;
+        let (frontend_stats, backend_stats) = service_stats(&mut ebpf, &services)?;
         let policy_ct = HashMap::try_from(take(&mut ebpf, "POLICY_CT")?)?;
         let policy = policy::PolicyWriter::adopt(
             policy::PolicyMaps {
@@ -272,6 +289,9 @@ impl Datapath {
             counters,
             pod_stats,
             frontend_stats,
+            backend_stats,
+            flow_config,
+            flow_events,
             degraded,
         };
         dp.probe_netns_cookies();
@@ -379,7 +399,21 @@ impl Datapath {
             let live = self.services.service_ids().into_values().collect();
             self.frontend_stats.retain(&live);
         }
+        self.backend_stats.remove(&self.services.take_freed());
         (report, errors)
+    }
+
+    /// Backend selections (new connections given the backend) per installed frontend and
+    /// backend address, summed over CPUs; backends never selected are absent.
+    pub fn backend_selections(&self) -> Result<BTreeMap<ServiceKey, BTreeMap<SocketAddr, u64>>> {
+        let by_id = self.backend_stats.read_all()?;
+        let mut out = BTreeMap::<ServiceKey, BTreeMap<SocketAddr, u64>>::new();
+        for (id, (frontend, addr)) in self.services.backend_ids() {
+            if let Some(n) = by_id.get(&id) {
+                out.entry(frontend).or_default().insert(addr, *n);
+            }
+        }
+        Ok(out)
     }
 
     /// New connections and rejections per installed frontend, summed over CPUs; frontends
@@ -536,6 +570,17 @@ impl Datapath {
         }
     }
 
+    /// Sets the flow events' per-pod rate limit (`FLOW_CONFIG`).
+    pub fn set_flow_rate(&mut self, rate: FlowRate) -> Result<()> {
+        events::configure(&mut self.flow_config, rate)
+    }
+
+    /// The flow events' ring buffer, for the one reader ([`events::FlowReader`]); `None` once
+    /// taken.
+    pub fn take_flow_events(&mut self) -> Option<aya::maps::Map> {
+        self.flow_events.take()
+    }
+
     /// Per-pod traffic counters by interface index, summed over CPUs.
     pub fn pod_stats(&self) -> Result<std::collections::BTreeMap<u32, ferrovia_common::PodStats>> {
         self.pod_stats.read_all()
@@ -618,6 +663,27 @@ fn probe_kernel(cfg: &mut DatapathConfig, degraded: &mut Vec<String>) {
     }
 }
 
+/// Map `name` out of the loaded object.
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing"))
+}
+
+/// The per-frontend and per-backend counters, without the entries of frontends and backends
+/// gone while the agent was down: before a sync could give their ids out again.
+fn service_stats(
+    ebpf: &mut Ebpf,
+    services: &services::ServiceWriter,
+) -> Result<(stats::FrontendStatsMap, backend_stats::BackendStatsMap)> {
+    let mut frontends =
+        stats::FrontendStatsMap::new(PerCpuHashMap::try_from(take(ebpf, "FRONTEND_STATS")?)?);
+    frontends.retain(&services.service_ids().into_values().collect());
+    let mut backends =
+        backend_stats::BackendStatsMap::new(PerCpuHashMap::try_from(take(ebpf, "BACKEND_STATS")?)?);
+    backends.retain(&services.backend_ids().into_keys().collect());
+    Ok((frontends, backends))
+}
+
 /// The capacities of the resizable maps.
 fn size_maps(loader: &mut EbpfLoader, s: &MapSizes) {
     loader
@@ -634,7 +700,11 @@ fn size_maps(loader: &mut EbpfLoader, s: &MapSizes) {
         .map_max_entries("POLICY_VERDICTS", s.policy_verdicts)
         .map_max_entries("POD_STATS", s.pod_stats)
         .map_max_entries("FRONTEND_STATS", s.frontend_stats)
-        .map_max_entries("UDP_FLOWS", s.udp_flows);
+        .map_max_entries("BACKEND_STATS", s.backend_stats)
+        .map_max_entries("UDP_FLOWS", s.udp_flows)
+        // One token bucket per counted pod.
+        .map_max_entries("FLOW_LIMIT", s.pod_stats)
+        .map_max_entries("FLOW_EVENTS", s.flow_events_bytes);
 }
 
 /// The variant of socket hook `name` for kernels without `bpf_set_retval` (Linux 5.18+).

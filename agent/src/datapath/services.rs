@@ -76,6 +76,8 @@ pub struct ServiceWriter {
     used: (usize, usize),
     next_service_id: u32,
     next_backend_id: u32,
+    /// Backend ids removed from `BACKENDS` since [`ServiceWriter::take_freed`] last asked.
+    freed: Vec<u32>,
 }
 
 /// A short name of a frontend for errors and logs.
@@ -102,6 +104,20 @@ impl ServiceWriter {
             .collect()
     }
 
+    /// Every installed backend id, with its frontend (slot 0 key) and address.
+    #[must_use]
+    pub fn backend_ids(&self) -> BTreeMap<u32, (ServiceKey, SocketAddr)> {
+        self.installed
+            .iter()
+            .flat_map(|(k, i)| i.slots.iter().map(|(id, a)| (*id, (*k, *a))))
+            .collect()
+    }
+
+    /// The backend ids removed since the last call (their per-backend state can go).
+    pub fn take_freed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.freed)
+    }
+
     /// Adopts the (possibly pinned, possibly non-empty) maps and rebuilds the view of what is
     /// installed, removing entries no complete frontend refers to (left by a crash mid-write).
     pub fn adopt(
@@ -119,6 +135,7 @@ impl ServiceWriter {
             used: (0, 0),
             next_service_id: 1,
             next_backend_id: 1,
+            freed: Vec::new(),
         };
         let keys: Vec<ServiceKey> = writer.services.keys().collect::<Result<_, _>>()?;
         let mut referenced = BTreeSet::new();
@@ -375,6 +392,7 @@ impl ServiceWriter {
         }
         for (id, _) in old_slots.iter().filter(|(id, _)| !kept.contains(id)) {
             self.backends.remove(id).map_err(map_err("BACKENDS"))?;
+            self.freed.push(*id);
         }
         Ok(())
     }
@@ -400,6 +418,7 @@ impl ServiceWriter {
         }
         for (id, _) in &old.slots {
             self.backends.remove(id).map_err(map_err("BACKENDS"))?;
+            self.freed.push(*id);
         }
         Ok(())
     }

@@ -4,39 +4,48 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
-use ferrovia_common::{DirStats, FrontendStats, PodStats};
+use ferrovia_common::{DirStats, FlowLimit, FrontendStats, PodStats, flow};
 
-/// `POD_STATS`, keyed by the pod's host-side interface index.
+/// `POD_STATS`, keyed by the pod's host-side interface index, and beside it the pod's flow
+/// events' token bucket (`FLOW_LIMIT`, same key, same life).
 pub struct PodStatsMap {
     map: PerCpuHashMap<MapData, u32, PodStats>,
+    limits: PerCpuHashMap<MapData, u32, FlowLimit>,
 }
 
 impl PodStatsMap {
-    pub(super) fn new(map: PerCpuHashMap<MapData, u32, PodStats>) -> Self {
-        Self { map }
+    pub(super) fn new(
+        map: PerCpuHashMap<MapData, u32, PodStats>,
+        limits: PerCpuHashMap<MapData, u32, FlowLimit>,
+    ) -> Self {
+        Self { map, limits }
     }
 
-    /// Makes sure `ifindex` has an entry (zeros when new; a restarted agent keeps counting
-    /// where the previous run left off).
+    /// Makes sure `ifindex` has its entries (zeros when new; a restarted agent keeps counting
+    /// where the previous run left off). A bucket starts empty and fills within its burst.
     pub fn ensure(&mut self, ifindex: u32) -> Result<()> {
-        if self.map.get(&ifindex, 0).is_ok() {
-            return Ok(());
-        }
-        let zeros = PerCpuValues::try_from(vec![PodStats::default(); nr_cpus()?])
-            .context("per-CPU zero values for POD_STATS")?;
-        self.map
-            .insert(ifindex, zeros, 0)
-            .with_context(|| format!("creating the POD_STATS entry of ifindex {ifindex}"))
+        ensure_zeroed(&mut self.map, ifindex, "POD_STATS")?;
+        ensure_zeroed(&mut self.limits, ifindex, "FLOW_LIMIT")
     }
 
     /// Forgets `ifindex`'s counters; an unknown index is not an error.
     pub fn remove(&mut self, ifindex: u32) {
         let _ = self.map.remove(&ifindex);
+        let _ = self.limits.remove(&ifindex);
     }
 
     /// Removes the entries of interfaces not in `keep` (pods gone while the agent was down).
+    /// The socket hooks' flow-event bucket stays.
     pub fn retain(&mut self, keep: &BTreeSet<u32>) -> usize {
+        let mut limits = keep.clone();
+        limits.insert(flow::SOCKET_BUCKET);
+        retain_keys(&mut self.limits, &limits);
         retain_keys(&mut self.map, keep)
+    }
+
+    /// Makes sure the socket hooks' flow-event bucket exists.
+    pub fn ensure_socket_bucket(&mut self) -> Result<()> {
+        ensure_zeroed(&mut self.limits, flow::SOCKET_BUCKET, "FLOW_LIMIT")
     }
 
     /// Every entry, summed over CPUs.
@@ -48,6 +57,21 @@ impl PodStatsMap {
         }
         Ok(out)
     }
+}
+
+/// Makes sure `map` has a (zeroed) entry for `key`.
+fn ensure_zeroed<V: aya::Pod + Default>(
+    map: &mut PerCpuHashMap<MapData, u32, V>,
+    key: u32,
+    name: &str,
+) -> Result<()> {
+    if map.get(&key, 0).is_ok() {
+        return Ok(());
+    }
+    let zeros = PerCpuValues::try_from(vec![V::default(); nr_cpus()?])
+        .with_context(|| format!("per-CPU zero values for {name}"))?;
+    map.insert(key, zeros, 0)
+        .with_context(|| format!("creating the {name} entry of ifindex {key}"))
 }
 
 /// Removes the keys of `map` not in `keep`; returns how many went.

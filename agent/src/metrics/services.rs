@@ -1,8 +1,10 @@
 //! The per-service families: new connections and rejections per service port, counted by the
-//! programs per frontend (`FRONTEND_STATS`) and summed over a port's frontends, and the
-//! port's endpoints by condition. Labels: `namespace`, `service`, `port` (the port's name,
-//! empty when unnamed) — never an address.
+//! programs per frontend (`FRONTEND_STATS`) and summed over a port's frontends, the selections
+//! of each of its backends (`BACKEND_STATS`), and the port's endpoints by condition. Labels:
+//! `namespace`, `service`, `port` (the port's name, empty when unnamed), and `backend` (the
+//! endpoint's pod) — never an address from traffic.
 use std::{
+    collections::BTreeMap,
     fmt,
     sync::{Arc, Mutex},
 };
@@ -27,6 +29,11 @@ pub struct ServiceMetrics {
     pub connections: u64,
     /// Connections refused because the port had no endpoint.
     pub rejected: u64,
+    /// New connections given each backend, over the port's frontends, by the backend's name:
+    /// its pod (`namespace/name`) when known, else its `EndpointSlice` target reference, else
+    /// its address (from the desired state, bounded by the endpoints). Backends never selected
+    /// are absent.
+    pub backends: BTreeMap<String, u64>,
     /// The port's endpoints by condition (an endpoint may be serving and terminating).
     pub ready: u64,
     pub serving: u64,
@@ -92,6 +99,23 @@ impl Collector for ServiceCollector {
             }
         }
         let mut family = encoder.encode_descriptor(
+            "service_backend_selections",
+            "New connections to the service port given each backend (a selection by the socket \
+             hooks or the per-packet path), by the backend's pod; backends never selected have \
+             no series.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in services.iter() {
+            for (backend, n) in &s.backends {
+                let [ns, svc, port] = labels(s);
+                let labels = [ns, svc, port, ("backend", backend.clone())];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
             "service_endpoints",
             "Endpoints of the service port by condition (EndpointSlice ready, serving, \
              terminating).",
@@ -112,18 +136,30 @@ impl Collector for ServiceCollector {
 }
 
 /// Keeps the service counters monotonic while their series live: a port's count is the sum
-/// over its frontends' entries, and a frontend that goes (a `NodePort` switched off, an
-/// external IP removed) takes its entry with it. What a drop would lose is carried as an
-/// offset, so Prometheus never sees a false counter reset. Increments a removed frontend got
-/// after the last scrape are lost; a port whose series disappears starts again from its sum.
+/// over its frontends' entries (a backend's over its ids, one per frontend), and a frontend
+/// that goes (a `NodePort` switched off, an external IP removed) takes its entries with it.
+/// What a drop would lose is carried as an offset, so Prometheus never sees a false counter
+/// reset. Increments a removed frontend got after the last scrape are lost; a series that
+/// disappears starts again from its sum.
+#[derive(Debug, Default)]
+pub(super) struct Monotonic {
+    /// Per series: (last raw value, offset).
+    seen: Mutex<BTreeMap<SeriesKey, (u64, u64)>>,
+}
+
 /// A service port: namespace, service, port name.
 type PortKey = (String, String, String);
 
-/// Per port: (last raw connections, offset), (last raw rejections, offset).
-#[derive(Debug, Default)]
-pub(super) struct Monotonic {
-    seen: Mutex<std::collections::BTreeMap<PortKey, [(u64, u64); 2]>>,
+/// One counter series of a port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Series {
+    Connections,
+    Rejected,
+    /// One backend's selections, by its label.
+    Backend(String),
 }
+
+type SeriesKey = (PortKey, Series);
 
 impl Monotonic {
     pub(super) fn adjust(&self, services: &mut [ServiceMetrics]) {
@@ -131,21 +167,23 @@ impl Monotonic {
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = std::collections::BTreeMap::new();
-        for s in services.iter_mut() {
-            let key = (s.namespace.clone(), s.service.clone(), s.port.clone());
-            let mut state = seen.get(&key).copied().unwrap_or_default();
-            for (value, (last, offset)) in [&mut s.connections, &mut s.rejected]
-                .into_iter()
-                .zip(state.iter_mut())
-            {
-                if *value < *last {
-                    *offset += *last - *value;
-                }
-                *last = *value;
-                *value += *offset;
+        let mut next = BTreeMap::new();
+        let mut keep = |key: SeriesKey, value: &mut u64| {
+            let (mut last, mut offset) = seen.get(&key).copied().unwrap_or_default();
+            if *value < last {
+                offset += last - *value;
             }
-            next.insert(key, state);
+            last = *value;
+            *value += offset;
+            next.insert(key, (last, offset));
+        };
+        for s in services.iter_mut() {
+            let port = (s.namespace.clone(), s.service.clone(), s.port.clone());
+            keep((port.clone(), Series::Connections), &mut s.connections);
+            keep((port.clone(), Series::Rejected), &mut s.rejected);
+            for (backend, n) in &mut s.backends {
+                keep((port.clone(), Series::Backend(backend.clone())), n);
+            }
         }
         *seen = next;
     }
@@ -182,5 +220,22 @@ mod tests {
         let mut none: Vec<ServiceMetrics> = Vec::new();
         m.adjust(&mut none);
         assert_eq!(scrape(port(5, 0)), (5, 0));
+    }
+
+    #[test]
+    fn a_backends_selections_do_not_go_down_when_one_of_its_frontends_goes() {
+        let m = Monotonic::default();
+        let scrape = |a: u64, b: u64| {
+            let mut p = port(a + b, 0);
+            p.backends = [("shop/a".to_owned(), a), ("shop/b".to_owned(), b)].into();
+            let mut v = vec![p];
+            m.adjust(&mut v);
+            let b = &v[0].backends;
+            (b["shop/a"], b["shop/b"])
+        };
+        assert_eq!(scrape(60, 40), (60, 40));
+        // The NodePort goes with 10 of a's selections: a stays, b counts on.
+        assert_eq!(scrape(50, 45), (60, 45));
+        assert_eq!(scrape(52, 45), (62, 45));
     }
 }

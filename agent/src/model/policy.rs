@@ -31,6 +31,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::endpoints::{is_terminal, named_container_port, pod_ip};
 use super::{ClusterState, ObjRef, PodIps};
 
+mod attribution;
+
+pub use attribution::{Judgement, RuleRef, judge};
+
 /// The label the API server puts on every namespace (its name): a namespace written in the
 /// manifests without it, or not written at all, still has it.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -218,19 +222,8 @@ pub fn compile(state: &ClusterState, local: &PodIps) -> PolicyDesired {
             // so treat it as not selected until it appears.
             continue;
         };
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let select = |want: &str| -> Vec<&ObjRef> {
-            ClusterState::in_namespace(&state.network_policies, &key.namespace)
-                .filter(|(_, p)| {
-                    let spec = spec(p);
-                    types(spec).contains(&want)
-                        && selector_matches(spec.pod_selector.as_ref(), &labels)
-                })
-                .map(|(k, _)| k)
-                .collect()
-        };
-        let ingress = select("Ingress");
-        let egress = select("Egress");
+        let ingress = selecting(state, key, pod, Dir::Ingress);
+        let egress = selecting(state, key, pod, Dir::Egress);
         if ingress.is_empty() && egress.is_empty() {
             continue;
         }
@@ -264,10 +257,36 @@ pub fn compile(state: &ClusterState, local: &PodIps) -> PolicyDesired {
     out
 }
 
+/// A direction of policy, as seen from the pod a policy selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
+pub enum Dir {
     Ingress,
     Egress,
+}
+
+impl Dir {
+    /// The `policyTypes` entry that isolates a pod for this direction.
+    #[must_use]
+    pub fn policy_type(self) -> &'static str {
+        match self {
+            Self::Ingress => "Ingress",
+            Self::Egress => "Egress",
+        }
+    }
+}
+
+/// The policies of `key`'s namespace that select `pod` for `dir`, in name order: empty when
+/// the pod is not isolated for that direction.
+fn selecting<'a>(state: &'a ClusterState, key: &'a ObjRef, pod: &Pod, dir: Dir) -> Vec<&'a ObjRef> {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    ClusterState::in_namespace(&state.network_policies, &key.namespace)
+        .filter(|(_, p)| {
+            let spec = spec(p);
+            types(spec).contains(&dir.policy_type())
+                && selector_matches(spec.pod_selector.as_ref(), &labels)
+        })
+        .map(|(k, _)| k)
+        .collect()
 }
 
 #[derive(PartialEq, Eq, Hash)]
@@ -440,25 +459,33 @@ impl<'a> Index<'a> {
 
     /// The rules of direction `dir` of the `policies` (all selecting `subject`).
     fn direction(&self, policies: &[&ObjRef], dir: Dir, subject: &Pod) -> DirectionRules {
-        let mut items = Vec::new();
-        for key in policies {
-            let policy = &self.state.network_policies[*key];
-            let spec = spec(policy);
-            let rules: Vec<RuleParts<'_>> = match dir {
-                Dir::Ingress => spec
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                    .collect(),
-                Dir::Egress => spec
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                    .collect(),
-            };
-            for (peers, ports) in rules {
+        let items: Vec<Item> = policies
+            .iter()
+            .flat_map(|key| self.items(key, dir))
+            .collect();
+        self.rules(&items, dir, subject)
+    }
+
+    /// The rules of direction `dir` of policy `key`, resolved, in the policy's order.
+    fn items(&self, key: &ObjRef, dir: Dir) -> Vec<Item> {
+        let spec = spec(&self.state.network_policies[key]);
+        let rules: Vec<RuleParts<'_>> = match dir {
+            Dir::Ingress => spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                .collect(),
+            Dir::Egress => spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                .collect(),
+        };
+        rules
+            .into_iter()
+            .map(|(peers, ports)| {
                 let peers = match peers.filter(|p| !p.is_empty()) {
                     None => vec![Peer::All],
                     Some(peers) => peers
@@ -469,10 +496,9 @@ impl<'a> Index<'a> {
                 let ports = ports
                     .filter(|p| !p.is_empty())
                     .map(|ports| ports.iter().filter_map(port_rule).collect());
-                items.push(Item { peers, ports });
-            }
-        }
-        self.rules(&items, dir, subject)
+                Item { peers, ports }
+            })
+            .collect()
     }
 
     fn peer(&self, namespace: &str, peer: &NetworkPolicyPeer) -> Option<Peer> {
@@ -547,14 +573,8 @@ impl<'a> Index<'a> {
                 let mut ports = PortSet::None;
                 let (mut selected, mut excepted) = (false, false);
                 for item in items {
-                    let mut matched = false;
-                    for peer in &item.peers {
-                        match region_in(peer, prefix, &self.by_ip) {
-                            Region::In => matched = true,
-                            Region::Excepted => excepted = true,
-                            Region::Out => {}
-                        }
-                    }
+                    let (matched, carved) = item.covers(prefix, &self.by_ip);
+                    excepted |= carved;
                     if !matched {
                         continue;
                     }
@@ -567,14 +587,10 @@ impl<'a> Index<'a> {
                 }
                 // Empty ports: a rule selected the peer for no port it has (a named port the
                 // destination lacks), or only an `except` carved it out.
-                let reason = if !ports.is_empty() {
-                    0
-                } else if selected {
-                    ferrovia_common::verdict::DENY_PORT
-                } else if excepted {
-                    ferrovia_common::verdict::DENY_EXCEPT
+                let reason = if ports.is_empty() {
+                    denial(selected, excepted)
                 } else {
-                    ferrovia_common::verdict::DENY_NO_RULE
+                    0
                 };
                 (prefix, PeerEntry { ports, reason })
             })
@@ -586,6 +602,34 @@ enum Region {
     In,
     Out,
     Excepted,
+}
+
+impl Item {
+    /// Whether a peer of the item covers the addresses `prefix` stands for, and whether an
+    /// `except` of one carves them out.
+    fn covers(&self, prefix: Prefix, by_ip: &HashMap<Ipv4Addr, usize>) -> (bool, bool) {
+        let (mut matched, mut excepted) = (false, false);
+        for peer in &self.peers {
+            match region_in(peer, prefix, by_ip) {
+                Region::In => matched = true,
+                Region::Excepted => excepted = true,
+                Region::Out => {}
+            }
+        }
+        (matched, excepted)
+    }
+}
+
+/// Why no rule allows a peer: `selected`, some rule selects it (for other ports); `excepted`,
+/// an `except` carves it out of a block.
+fn denial(selected: bool, excepted: bool) -> u8 {
+    if selected {
+        ferrovia_common::verdict::DENY_PORT
+    } else if excepted {
+        ferrovia_common::verdict::DENY_EXCEPT
+    } else {
+        ferrovia_common::verdict::DENY_NO_RULE
+    }
 }
 
 /// Whether the addresses `prefix` stands for (those it covers that no longer collected prefix

@@ -1298,3 +1298,225 @@ fn selector_with_an_unknown_operator_matches_nothing() {
     let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
     assert!(!selector_matches(Some(&sel), &labels));
 }
+
+// --- Attribution (`ferrovia explain`) --------------------------------------------------------
+
+/// Local pods `default/web` (app: web, TCP port `http` = 8080) at 10.0.0.1, `default/api` (app:
+/// web, `http` = 9090) at 10.0.0.2 and `default/client` at 10.0.0.3; a remote pod `other/peer`
+/// at 10.0.1.1 (team: blue). `web-in` and `also-in` both isolate the web pods for ingress,
+/// `web-out` for egress; `db-in` selects no local pod; `elsewhere` is another namespace's.
+fn attribution_docs() -> Vec<String> {
+    vec![
+        namespace("other", "{team: blue}"),
+        pod_with_ports(
+            "default/web",
+            "{app: web}",
+            "",
+            "[{name: http, containerPort: 8080}]",
+        ),
+        pod_with_ports(
+            "default/api",
+            "{app: web}",
+            "",
+            "[{name: http, containerPort: 9090}]",
+        ),
+        pod("default/client", "{app: client}", ""),
+        pod_with_ports(
+            "other/peer",
+            "{app: peer}",
+            "10.0.1.1",
+            "[{name: http, containerPort: 8081}]",
+        ),
+        policy(
+            "default/web-in",
+            "
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}]
+  - from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.5.0/24]}}]
+    ports: [{port: http}]
+  - from: [{namespaceSelector: {matchLabels: {team: blue}}}]
+    ports: [{port: 53, protocol: UDP}]
+",
+        ),
+        policy(
+            "default/also-in",
+            "
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+",
+        ),
+        policy(
+            "default/web-out",
+            "
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {}}]
+    ports: [{port: http}]
+  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]
+",
+        ),
+        policy(
+            "default/db-in",
+            "\n  podSelector: {matchLabels: {app: db}}\n",
+        ),
+        policy("elsewhere/all", "\n  podSelector: {}\n"),
+    ]
+}
+
+fn attribution_local() -> PodIps {
+    local(&[
+        ("default/web", "10.0.0.1"),
+        ("default/api", "10.0.0.2"),
+        ("default/client", "10.0.0.3"),
+    ])
+}
+
+fn rule_refs(j: &super::policy::Judgement) -> Vec<String> {
+    j.allowing
+        .iter()
+        .map(|r| format!("{}#{}", r.policy, r.index))
+        .collect()
+}
+
+#[test]
+fn judgements_name_every_rule_that_allows_or_the_isolating_policies() {
+    use super::policy::{Dir, judge};
+    use ferrovia_common::verdict::{ALLOW_NOT_ISOLATED, ALLOW_RULE, DENY_NO_RULE};
+    let (st, local) = (state(&attribution_docs()), attribution_local());
+    let web = ObjRef::new("default", "web");
+    let at = |subject: &ObjRef, dir, peer: &str, proto, port| {
+        judge(&st, &local, subject, dir, v4(peer), proto, port)
+    };
+
+    // The client on web's `http`: a pod rule, the block (named port on web) and `also-in`.
+    let j = at(&web, Dir::Ingress, "10.0.0.3", TCP, 8080);
+    assert_eq!(j.reason, ALLOW_RULE);
+    assert_eq!(
+        j.isolating,
+        [
+            ObjRef::new("default", "also-in"),
+            ObjRef::new("default", "web-in")
+        ]
+    );
+    assert_eq!(
+        rule_refs(&j),
+        ["default/also-in#0", "default/web-in#0", "default/web-in#1"]
+    );
+    // On api, `http` is 9090: 8080 is only the pod rule's (and also-in's), 9090 the block's.
+    let api = ObjRef::new("default", "api");
+    let j = at(&api, Dir::Ingress, "10.0.0.3", TCP, 8080);
+    assert_eq!(rule_refs(&j), ["default/also-in#0", "default/web-in#0"]);
+    let j = at(&api, Dir::Ingress, "10.0.9.9", TCP, 9090);
+    assert_eq!(rule_refs(&j), ["default/web-in#1"]);
+    // The namespace rule, for the remote pod in a blue namespace.
+    let j = at(&web, Dir::Ingress, "10.0.1.1", UDP, 53);
+    assert_eq!(rule_refs(&j), ["default/web-in#2"]);
+
+    // Denied: why, and no rule.
+    for (peer, proto, port, reason) in [
+        ("10.0.5.7", TCP, 8080, DENY_EXCEPT),
+        ("10.0.9.9", TCP, 9999, DENY_PORT),
+        ("10.0.1.1", TCP, 53, DENY_PORT),
+        ("192.0.2.1", TCP, 8080, DENY_NO_RULE),
+    ] {
+        let j = at(&web, Dir::Ingress, peer, proto, port);
+        assert_eq!(j.reason, reason, "{peer} {proto}/{port}: {j:?}");
+        assert!(j.allowing.is_empty() && !j.allowed(), "{j:?}");
+        assert_eq!(j.isolating.len(), 2, "{j:?}");
+    }
+
+    // Egress: a named port resolves on the destination pod, an except carves the cluster out.
+    let j = at(&web, Dir::Egress, "10.0.1.1", TCP, 8081);
+    assert_eq!(rule_refs(&j), ["default/web-out#0"]);
+    assert_eq!(
+        at(&web, Dir::Egress, "10.0.1.1", TCP, 8080).reason,
+        DENY_PORT
+    );
+    let j = at(&web, Dir::Egress, "198.51.100.7", UDP, 123);
+    assert_eq!(rule_refs(&j), ["default/web-out#1"]);
+    assert_eq!(
+        at(&web, Dir::Egress, "10.9.9.9", UDP, 123).reason,
+        DENY_EXCEPT
+    );
+
+    // Not isolated: the client's egress, and a pod the desired state does not have.
+    let client = ObjRef::new("default", "client");
+    for subject in [client, ObjRef::new("default", "ghost")] {
+        let j = at(&subject, Dir::Egress, "10.0.0.1", TCP, 8080);
+        assert_eq!(j.reason, ALLOW_NOT_ISOLATED, "{subject}");
+        assert!(j.isolating.is_empty() && j.allowing.is_empty() && j.allowed());
+    }
+}
+
+/// The compiled table's answer for `peer`, as the data path's two trie lookups give it.
+fn table_reason(rules: &DirectionRules, peer: Ipv4Addr, proto: u8, port: u16) -> u8 {
+    use ferrovia_common::verdict::{ALLOW_RULE, DENY_NO_RULE};
+    let longest = rules
+        .iter()
+        .filter(|(prefix, _)| prefix.contains_addr(peer))
+        .max_by_key(|(prefix, _)| prefix.len);
+    match longest {
+        None => DENY_NO_RULE,
+        Some((_, entry)) if entry.ports.is_empty() => entry.reason,
+        Some((_, entry)) if entry.ports.allows(proto, port) => ALLOW_RULE,
+        Some(_) => DENY_PORT,
+    }
+}
+
+/// The attribution's reason is the compiled table's, for every local pod, direction, and a
+/// spread of peers (pods, block and except edges, outside) on both protocols and several ports.
+#[test]
+fn judgements_agree_with_the_compiled_table_everywhere() {
+    use super::policy::{Dir, judge};
+    use ferrovia_common::verdict::{ALLOW_NOT_ISOLATED, ALLOW_RULE};
+    let (st, local) = (state(&attribution_docs()), attribution_local());
+    let compiled = compile(&st, &local);
+    let peers = [
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.1.1",
+        "10.0.0.0",
+        "10.0.255.255",
+        "10.0.4.255",
+        "10.0.5.0",
+        "10.0.5.255",
+        "10.0.6.0",
+        "10.1.0.0",
+        "9.255.255.255",
+        "11.0.0.0",
+        "192.0.2.1",
+    ];
+    let mut checked = 0;
+    for (subject, ips) in &local {
+        let IpAddr::V4(ip) = ips[0] else { continue };
+        let class = compiled.endpoints.get(&ip);
+        for dir in [Dir::Ingress, Dir::Egress] {
+            let rules = class.and_then(|c| match dir {
+                Dir::Ingress => c.ingress.as_ref(),
+                Dir::Egress => c.egress.as_ref(),
+            });
+            for peer in peers.map(v4) {
+                for proto in [TCP, UDP] {
+                    for port in [53, 80, 8080, 8081, 9090, 9999] {
+                        let want = rules
+                            .map_or(ALLOW_NOT_ISOLATED, |r| table_reason(r, peer, proto, port));
+                        let j = judge(&st, &local, subject, dir, peer, proto, port);
+                        assert_eq!(
+                            j.reason, want,
+                            "{subject} {dir:?} peer {peer} {proto}/{port}: {j:?}"
+                        );
+                        assert_eq!(j.allowing.is_empty(), want != ALLOW_RULE, "{j:?}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 2 * peers.len() * 2 * 6);
+}

@@ -26,16 +26,21 @@ impl Node {
     /// by condition, for `/metrics`.
     pub(super) async fn service_metrics(&self) -> Vec<crate::metrics::ServiceMetrics> {
         // One lock for the state, the pods and the counters; the model computed once.
-        let (state, pods, counters) = {
+        let (state, pods, counters, selections) = {
             let inner = self.inner.lock().await;
             let counters = inner.datapath.frontend_stats().unwrap_or_else(|e| {
                 tracing::warn!("reading FRONTEND_STATS: {e:#}");
                 BTreeMap::new()
             });
+            let selections = inner.datapath.backend_selections().unwrap_or_else(|e| {
+                tracing::warn!("reading BACKEND_STATS: {e:#}");
+                BTreeMap::new()
+            });
             let pods: Vec<PodRecord> = inner.pods.values().cloned().collect();
-            (Arc::clone(&inner.state), pods, counters)
+            (Arc::clone(&inner.state), pods, counters, selections)
         };
         let pod_ips = pod_ips(&pods);
+        let names = BackendNames::new(&state, &pod_ips);
         let desired = model::compute(&state, &pod_ips);
         let list = services(&state, &desired);
         let ports = port_endpoints(&state, &pod_ips, &desired);
@@ -54,9 +59,15 @@ impl Node {
                     port: f.port_name.clone(),
                     ..crate::metrics::ServiceMetrics::default()
                 });
-            if let Some(s) = crate::datapath::service_key(&f.key).and_then(|k| counters.get(&k)) {
+            let Some(key) = crate::datapath::service_key(&f.key) else {
+                continue;
+            };
+            if let Some(s) = counters.get(&key) {
                 m.connections += s.connections;
                 m.rejected += s.rejected;
+            }
+            for (addr, n) in selections.get(&key).into_iter().flatten() {
+                *m.backends.entry(names.name(&f.service, *addr)).or_default() += n;
             }
         }
         for p in &ports {
@@ -163,8 +174,67 @@ impl Inventory for Node {
     }
 }
 
+/// What a backend is called in the metrics (`backend` label): the pod at its address
+/// (`namespace/name`, from the pods' status, else the registered pods), else the target
+/// reference its service's `EndpointSlice` gives it, else its address — from the desired
+/// state, so the series are bounded by the endpoints, never by traffic.
+struct BackendNames {
+    pods: BTreeMap<IpAddr, ObjRef>,
+    /// (service, endpoint address) → its target reference, `namespace/name`.
+    targets: BTreeMap<(ObjRef, IpAddr), String>,
+}
+
+impl BackendNames {
+    fn new(state: &ClusterState, pod_ips: &PodIps) -> Self {
+        let mut pods = BTreeMap::new();
+        // Frontends are IPv4 only (no IPv6 data path yet), and so are their backends.
+        for (key, pod) in &state.pods {
+            if let Some(ip) = endpoints::pod_ip(pod, key, pod_ips, true) {
+                pods.insert(ip, key.clone());
+            }
+        }
+        // What the CNI plugin registered is what this node's pods have.
+        for (key, ips) in pod_ips {
+            for ip in ips {
+                pods.insert(*ip, key.clone());
+            }
+        }
+        let mut targets = BTreeMap::new();
+        for (key, slice) in &state.endpoint_slices {
+            let labels = slice.metadata.labels.as_ref();
+            let Some(service) = labels.and_then(|l| l.get(endpoints::SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let ip = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok());
+                let target = ep.target_ref.as_ref();
+                let (Some(ip), Some(name)) = (ip, target.and_then(|t| t.name.as_deref())) else {
+                    continue;
+                };
+                let namespace = target
+                    .and_then(|t| t.namespace.as_deref())
+                    .unwrap_or(&key.namespace);
+                targets
+                    .entry((ObjRef::new(&key.namespace, service), ip))
+                    .or_insert_with(|| format!("{namespace}/{name}"));
+            }
+        }
+        Self { pods, targets }
+    }
+
+    fn name(&self, service: &ObjRef, addr: std::net::SocketAddr) -> String {
+        if let Some(pod) = self.pods.get(&addr.ip()) {
+            return pod.to_string();
+        }
+        self.targets
+            .get(&(service.clone(), addr.ip()))
+            .cloned()
+            .unwrap_or_else(|| addr.to_string())
+    }
+}
+
 /// The registered pods' addresses, as the model takes them.
-fn pod_ips(pods: &[PodRecord]) -> PodIps {
+pub(super) fn pod_ips(pods: &[PodRecord]) -> PodIps {
     pods.iter()
         .map(|p| (ObjRef::new(&p.namespace, &p.name), p.ips.clone()))
         .collect()
@@ -199,7 +269,7 @@ fn services(state: &ClusterState, desired: &Desired) -> ServiceList {
 
 /// Which of the service's addresses `vip` is. A frontend on none of the service's own
 /// addresses is on a node's address: a node port.
-fn frontend_type(service: Option<&Service>, vip: IpAddr) -> FrontendType {
+pub(super) fn frontend_type(service: Option<&Service>, vip: IpAddr) -> FrontendType {
     let spec = service.and_then(|s| s.spec.as_ref());
     let listed = |ips: Option<&Vec<String>>| {
         ips.into_iter()
@@ -770,6 +840,46 @@ spec:
             ),
         ] {
             assert_eq!(rejected(line), about, "{line}");
+        }
+    }
+
+    /// A backend is named by the pod at its address, else by its slice's target reference,
+    /// else by its address.
+    #[test]
+    fn backends_are_named_by_pod_then_target_reference_then_address() {
+        let (source, _dir) = load(&[(
+            "ext.yaml",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: default}
+spec:
+  clusterIP: 10.96.0.50
+  ports: [{name: db, protocol: TCP, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-1, namespace: default, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{name: db, protocol: TCP, port: 5432}]
+endpoints:
+- addresses: ["192.0.2.7"]
+  targetRef: {kind: Pod, name: db-0}
+- addresses: ["10.100.0.1"]
+  targetRef: {kind: Pod, name: stale}
+- addresses: ["192.0.2.8"]
+"#,
+        )]);
+        let state = source.state();
+        let pod_ips = local();
+        let names = BackendNames::new(&state, &pod_ips);
+        let ext = ObjRef::new("default", "ext");
+        for (backend, name) in [
+            ("10.100.0.1:5432", "default/web-a"),
+            ("192.0.2.7:5432", "default/db-0"),
+            ("192.0.2.8:5432", "192.0.2.8:5432"),
+        ] {
+            assert_eq!(names.name(&ext, addr(backend)), name, "{backend}");
         }
     }
 }

@@ -167,7 +167,7 @@ fn run(
                 prog_ns: std::collections::BTreeMap::default(),
             };
             if cell.programmed.skipped.is_none() {
-                let ferrovia = matches!(path, Path4::FerroviaSocket | Path4::FerroviaTc);
+                let ferrovia = path.is_ferrovia();
                 let before = if ferrovia {
                     Some(cluster.prog_stats()?)
                 } else {

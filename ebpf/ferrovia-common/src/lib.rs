@@ -118,6 +118,20 @@ pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
 /// Long enough for a half-closed connection's answer (Linux conntrack: 60 s `CLOSE_WAIT`).
 pub const CT_TIMEOUT_CLOSING_NS: u64 = 60 * 1_000_000_000;
 
+/// How long a conntrack entry (`CONNTRACK`'s or `POLICY_CT`'s) with `flags` lives idle for a
+/// flow of protocol `proto`: the programs' judgement, and the agent's when it collects them.
+#[inline]
+#[must_use]
+pub const fn ct_timeout_ns(flags: u16, proto: u8) -> u64 {
+    if flags & CT_FLAG_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else if proto == PROTO_TCP {
+        CT_TIMEOUT_TCP_NS
+    } else {
+        CT_TIMEOUT_UDP_NS
+    }
+}
+
 /// Key of the `AFFINITY` map: which backend a client IP was last sent to, per frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -355,6 +369,77 @@ pub struct FrontendStats {
     pub rejected: u64,
 }
 
+/// One flow event of the `FLOW_EVENTS` ring buffer: a packet seen at a pod's interface that
+/// started a flow or was dropped (`flow::*`), with the policy verdict that judged it. IPv4
+/// addresses in network byte order, as the packet came; for a flow the per-packet path
+/// translated, `xaddr:xport` is where it went (the backend), else equal to `daddr:dport`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
+    pub ts_ns: u64,
+    /// The pod's host-side interface.
+    pub ifindex: u32,
+    /// Events of this interface the rate limit suppressed on this CPU before this one.
+    pub suppressed: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub xaddr: u32,
+    /// Ports in network byte order (0 for protocols without ports).
+    pub sport: u16,
+    pub dport: u16,
+    pub xport: u16,
+    pub proto: u8,
+    /// `POL_DIR_INGRESS` (to the pod) or `POL_DIR_EGRESS` (from it).
+    pub dir: u8,
+    /// `flow::NEW` or `flow::DROP`.
+    pub kind: u8,
+    /// The `verdict` reason that judged the packet, or `flow::NOT_JUDGED`.
+    pub verdict: u8,
+    /// `drop::*`.
+    pub drop: u8,
+    pub _pad: u8,
+}
+
+/// Kinds of [`FlowEvent`].
+pub mod flow {
+    /// A new connection let through: a TCP SYN without ACK, or a new UDP flow.
+    pub const NEW: u8 = 1;
+    /// A packet dropped (`FlowEvent::drop` says why), or a socket call refused (no endpoints).
+    pub const DROP: u8 = 2;
+    /// A service address translated by the socket hooks at `connect()` / `sendmsg()`: no
+    /// interface (`ifindex` 0), the client pod's address from its namespace (`POD_NETNS`; 0 when
+    /// unknown: the node itself or a pod registered without it), no source port yet.
+    pub const TRANSLATE: u8 = 3;
+    /// The `FLOW_LIMIT` bucket of the socket hooks' events (no interface has index 0).
+    pub const SOCKET_BUCKET: u32 = 0;
+    /// `FlowEvent::verdict` when policy did not judge the packet (enforcement off).
+    pub const NOT_JUDGED: u8 = 0xff;
+}
+
+/// Value of the per-CPU `FLOW_LIMIT` map (key: a pod's host-side interface index): a token
+/// bucket in nanoseconds of credit, so that a flood at one pod cannot starve the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowLimit {
+    /// Credit left (an event costs `FlowConfig::interval_ns`), capped at `burst_ns`.
+    pub credit_ns: u64,
+    /// When credit was last added.
+    pub last_ns: u64,
+    /// Events suppressed since the last one emitted (on this CPU).
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+
+/// Value of `FLOW_CONFIG[0]`, written by the agent: events per pod and CPU at most one per
+/// `interval_ns` on average, bursts up to `burst_ns / interval_ns`. `interval_ns` 0: no events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowConfig {
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+
 /// Why a pod's packet was dropped (`DirStats` field), as the tc programs note it.
 pub mod drop {
     pub const NONE: u8 = 0;
@@ -435,6 +520,14 @@ pub mod counter {
     pub const DROP_XLATE_ERROR: u32 = 11;
     /// Packets dropped by network policy (per pod and reason in `POLICY_VERDICTS`).
     pub const DROP_POLICY: u32 = 12;
+    /// Flow events the ring buffer had no room for (the agent reads too slowly).
+    pub const FLOW_LOST: u32 = 13;
+    /// Flow events the per-pod rate limit suppressed.
+    pub const FLOW_SUPPRESSED: u32 = 14;
+    /// Conntrack (`CONNTRACK`) entries created by the per-packet path: an insert of a key that
+    /// was not in the map (an overwrite of an existing one is not counted), so that the
+    /// agent can tell how many the LRU evicted (created − deleted − present).
+    pub const CT_CREATED: u32 = 15;
     pub const COUNT: u32 = 16;
 }
 
@@ -464,6 +557,9 @@ mod pod {
     unsafe impl aya::Pod for super::DirStats {}
     unsafe impl aya::Pod for super::PodStats {}
     unsafe impl aya::Pod for super::FrontendStats {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::FlowLimit {}
+    unsafe impl aya::Pod for super::FlowConfig {}
 }
 
 #[cfg(test)]
@@ -496,5 +592,8 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<DirStats>(), 72);
         assert_eq!(size_of::<PodStats>(), 144);
+        assert_eq!(size_of::<FlowEvent>(), 40);
+        assert_eq!(size_of::<FlowLimit>(), 24);
+        assert_eq!(size_of::<FlowConfig>(), 16);
     }
 }

@@ -1,9 +1,12 @@
 //! The per-packet path: conntrack lookups and the translations they carry.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
 use ferrovia_common::{
-    AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_TIMEOUT_CLOSING_NS,
-    CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, FAMILY_V4, PROTO_TCP, ServiceKey,
-    counter, drop,
+    AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue,
+    FAMILY_V4, PROTO_TCP, ServiceKey, counter, ct_timeout_ns, drop,
 };
 
 use crate::{
@@ -16,6 +19,9 @@ use crate::{
     policy::{Flow, Gate},
     reject,
 };
+
+/// `bpf_map_update_elem` with `BPF_NOEXIST` on a key already in the map.
+const EEXIST: i32 = 17;
 
 /// A packet policy dropped: silently, as upstream expects (counted by the gate).
 const DENIED: Result<i32, i64> = Ok(aya_ebpf::bindings::TC_ACT_SHOT);
@@ -75,14 +81,7 @@ pub fn still_alive(
     tcp_flags: u8,
     now: u64,
 ) -> bool {
-    let timeout = if *flags & CT_FLAG_CLOSING != 0 {
-        CT_TIMEOUT_CLOSING_NS
-    } else if proto == PROTO_TCP {
-        CT_TIMEOUT_TCP_NS
-    } else {
-        CT_TIMEOUT_UDP_NS
-    };
-    if now.wrapping_sub(*last_seen_ns) > timeout {
+    if now.wrapping_sub(*last_seen_ns) > ct_timeout_ns(*flags, proto) {
         return false;
     }
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -130,6 +129,21 @@ fn xlate_in(
         return bounce(ctx);
     }
     Ok(TC_ACT_OK)
+}
+
+/// Writes a conntrack entry, counting it as created (`counter::CT_CREATED`) only when its key
+/// was not in the map: the agent derives the LRU's evictions from what was created. A key
+/// already there (an expired flow's, a re-balanced one's) is overwritten as before.
+#[inline(always)]
+fn ct_insert(key: &CtKey, value: &CtValue) -> Result<(), i32> {
+    match CONNTRACK.insert(key, value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            count(counter::CT_CREATED);
+            Ok(())
+        }
+        Err(e) if e == -EEXIST => CONNTRACK.insert(key, value, 0),
+        Err(e) => Err(e),
+    }
 }
 
 /// The reverse-NAT entry of a reply of a translated connection, if the tuple is known.
@@ -219,7 +233,7 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         _pad: [0; 3],
     };
     let Some((backend_id, backend)) = select_backend(&frontend, &service, &client) else {
-        count_connection(service.service_id, true);
+        count_connection(service.service_id, None);
         gate.note_drop(drop::NO_ENDPOINTS);
         return reject::no_endpoints(ctx, pkt);
     };
@@ -260,14 +274,12 @@ pub fn from_pod(ctx: &mut TcContext, pkt: &Ipv4Packet, gate: &Gate) -> Result<i3
         xlate_port: backend.port,
         ..in_value
     };
-    if CONNTRACK.insert(&in_key, &in_value, 0).is_err()
-        || CONNTRACK.insert(&out_key, &out_value, 0).is_err()
-    {
+    if ct_insert(&in_key, &in_value).is_err() || ct_insert(&out_key, &out_value).is_err() {
         count(counter::DROP_CT_FULL);
         gate.note_drop(drop::CT_FULL);
         return Ok(aya_ebpf::bindings::TC_ACT_SHOT);
     }
     count(counter::XLATE_NEW);
-    count_connection(service.service_id, false);
+    count_connection(service.service_id, Some(backend_id));
     xlate_out(ctx, pkt, &out_value)
 }

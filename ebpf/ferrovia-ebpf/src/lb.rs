@@ -4,7 +4,7 @@ use ferrovia_common::{
     AffinityKey, AffinityValue, Backend, FrontendStats, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, FRONTEND_STATS, SERVICES};
+use crate::maps::{AFFINITY, BACKEND_STATS, BACKENDS, FRONTEND_STATS, SERVICES};
 
 /// The service entry (slot 0) of a frontend, if the frontend exists.
 #[inline(always)]
@@ -13,9 +13,11 @@ pub fn lookup_service(key: &ServiceKey) -> Option<ServiceValue> {
     unsafe { SERVICES.get(key).copied() }
 }
 
-/// Counts a new connection to frontend `service_id`, given a backend or `rejected`.
+/// Counts a new connection to frontend `service_id`: given backend `Some(id)` (a backend
+/// selection, counted for the backend too), or rejected (`None`).
 #[inline(always)]
-pub fn count_connection(service_id: u32, rejected: bool) {
+pub fn count_connection(service_id: u32, backend: Option<u32>) {
+    let rejected = backend.is_none();
     if let Some(stats) = FRONTEND_STATS.get_ptr_mut(&service_id) {
         // SAFETY: this CPU's copy of a live per-CPU value. Not atomic (the BPF target has no
         // 64-bit atomics here): a socket hook (process context) interrupted on this CPU by a
@@ -34,6 +36,21 @@ pub fn count_connection(service_id: u32, rejected: bool) {
         };
         // Best effort: a full map only loses the count.
         let _ = FRONTEND_STATS.insert(&service_id, &stats, 0);
+    }
+    if let Some(id) = backend {
+        count_selection(id);
+    }
+}
+
+/// Counts a selection of backend `id` (`BACKEND_STATS`), as [`count_connection`] its frontend's.
+#[inline(always)]
+fn count_selection(id: u32) {
+    if let Some(n) = BACKEND_STATS.get_ptr_mut(&id) {
+        // SAFETY: this CPU's copy of a live per-CPU value; not atomic, as above.
+        unsafe { *n += 1 };
+    } else {
+        // Best effort: a full map only loses the count.
+        let _ = BACKEND_STATS.insert(&id, &1, 0);
     }
 }
 

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod events;
 mod lb;
 mod maps;
 mod packet;
@@ -47,7 +48,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
                 Ok(pass_if(gate.egress(&Flow::of(&pkt))))
             };
             let action = verdict(result, &gate);
-            stats::account(wire, POL_DIR_EGRESS, &pkt, action, &gate);
+            stats::account(&ctx, wire, POL_DIR_EGRESS, &pkt, action, &gate);
             action
         }
         Err(skip) => unparsed(wire, POL_DIR_EGRESS, &skip),
@@ -82,7 +83,7 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
                 Ok(TC_ACT_OK as i32)
             };
             let action = verdict(result, &gate);
-            stats::account(wire, POL_DIR_INGRESS, &pkt, action, &gate);
+            stats::account(&ctx, wire, POL_DIR_INGRESS, &pkt, action, &gate);
             action
         }
         Err(skip) => unparsed(wire, POL_DIR_INGRESS, &skip),

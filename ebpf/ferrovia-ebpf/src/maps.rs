@@ -4,14 +4,14 @@
 //! configuration at load time. Names stay under 15 characters: the kernel
 //! truncates longer ones in `bpftool map show`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use ferrovia_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy, FragKey,
-    FrontendStats, PodStats, PolicyCtValue, PolicyPeerKey, PolicyPeerValue, PolicyPortKey,
-    PolicyState, ServiceKey, ServiceValue, SockFwdValue, SockKey, SockRevNatValue, VerdictKey,
-    VerdictValue, counter,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, EndpointKey, EndpointPolicy, FlowConfig,
+    FlowEvent, FlowLimit, FragKey, FrontendStats, PodStats, PolicyCtValue, PolicyPeerKey,
+    PolicyPeerValue, PolicyPortKey, PolicyState, ServiceKey, ServiceValue, SockFwdValue, SockKey,
+    SockRevNatValue, VerdictKey, VerdictValue, counter,
 };
 
 /// Frontend (VIP, port, protocol, slot) → service (slot 0) or backend id (slots 1..=n).
@@ -97,10 +97,33 @@ pub static POD_STATS: PerCpuHashMap<u32, PodStats, 16_384> = PerCpuHashMap::new(
 #[btf_map]
 pub static FRONTEND_STATS: PerCpuHashMap<u32, FrontendStats, 65_536> = PerCpuHashMap::new();
 
+/// Per-CPU backend selections per backend id (`BACKENDS`): new connections given that
+/// backend, counted with the frontend's. Entries are made by the programs on a backend's first
+/// selection and removed by the agent when it frees the id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuHashMap<u32, u64, 65_536> = PerCpuHashMap::new();
+
 /// UDP flows seen at local pods, for `DirStats::conns_udp`: a `CtKey` as the packet was seen,
 /// with `dir` the point (`POL_DIR_*`) → last seen (ns). LRU.
 #[btf_map]
 pub static UDP_FLOWS: LruHashMap<CtKey, u64, 65_536> = LruHashMap::new();
+
+/// Flow events (`FlowEvent`) for the agent: new connections and drops at local pods, with
+/// their verdicts. Size in bytes (a power-of-two multiple of the page size); the agent sets it.
+/// Not pinned: a stream with one reader, the running agent (a restarted agent's programs get
+/// a new one), and nothing `bpftool map dump` could show.
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowEvent, 1_048_576> = RingBuf::new();
+
+/// Per-CPU token bucket per local pod (host-side ifindex) limiting its flow events. Entries
+/// are made and removed by the agent with the pod's `POD_STATS` entry; the programs only
+/// update them, so an interface without one emits nothing.
+#[btf_map]
+pub static FLOW_LIMIT: PerCpuHashMap<u32, FlowLimit, 16_384> = PerCpuHashMap::new();
+
+/// `[0]`: the flow events' rate limit. Written by the agent at load.
+#[btf_map]
+pub static FLOW_CONFIG: Array<FlowConfig, 1> = Array::new();
 
 /// Per-CPU verdict counters, indexed by `ferrovia_common::counter`. Summed by the agent.
 #[btf_map]

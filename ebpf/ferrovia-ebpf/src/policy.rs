@@ -101,6 +101,8 @@ pub struct Gate {
     len: u64,
     drop: Cell<u8>,
     reply: Cell<bool>,
+    /// The last `verdict` reason recorded for the packet (`flow::NOT_JUDGED`: none).
+    judged: Cell<u8>,
 }
 
 impl Gate {
@@ -113,6 +115,7 @@ impl Gate {
             len: u64::from(pkt.tot_len),
             drop: Cell::new(drop::NONE),
             reply: Cell::new(false),
+            judged: Cell::new(ferrovia_common::flow::NOT_JUDGED),
         }
     }
 
@@ -137,6 +140,12 @@ impl Gate {
     #[inline(always)]
     pub fn replied(&self) -> bool {
         self.reply.get()
+    }
+
+    /// The verdict reason policy gave the packet, `flow::NOT_JUDGED` when it did not judge it.
+    #[inline(always)]
+    pub fn judged(&self) -> u8 {
+        self.judged.get()
     }
 
     /// The sending pod's egress point (`from_pod`).
@@ -307,6 +316,7 @@ impl Gate {
     #[inline(always)]
     fn record(&self, subject: u32, dir: u8, reason: u8) -> bool {
         let allowed = verdict::allows(reason);
+        self.judged.set(reason);
         let key = VerdictKey {
             addr: [subject, 0, 0, 0],
             family: FAMILY_V4,

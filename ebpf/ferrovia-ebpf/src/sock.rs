@@ -8,10 +8,11 @@ use aya_ebpf::{
 };
 use ferrovia_common::{
     AffinityKey, FAMILY_NETNS, FAMILY_V4, POL_ISOLATED_EGRESS, POL_ISOLATED_INGRESS, PROTO_TCP,
-    PROTO_UDP, ServiceKey, SockFwdValue, SockKey, SockRevNatValue, counter,
+    PROTO_UDP, ServiceKey, SockFwdValue, SockKey, SockRevNatValue, counter, drop, flow,
 };
 
 use crate::{
+    events,
     lb::{count_connection, live_backend, lookup_service, select_backend},
     maps::{NETNS_PROBE, POD_NETNS, POLICY_PODS, POLICY_STATE, SOCK_FWD, SOCK_REVNAT, count},
 };
@@ -103,7 +104,9 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     }
     let Some((backend_id, backend)) = chosen else {
         count(counter::SOCK_REJECT);
-        count_connection(service.service_id, true);
+        count_connection(service.service_id, None);
+        let vip = (frontend.addr[0], frontend.port);
+        events::emit_sock(netns, flow::DROP, proto, vip, vip, drop::NO_ENDPOINTS);
         // As kube-proxy's REJECT would: the caller sees ECONNREFUSED, not a black hole.
         if refusal == Refusal::Econnrefused {
             // SAFETY: cgroup helper (5.18+), sets the errno of the denied call.
@@ -118,7 +121,12 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook, refusal: Refusal) -> i32 {
     if !remembered {
         // A new connection, or a datagram that needed a new backend (not a repeat of an
         // unconnected socket's flow).
-        count_connection(service.service_id, false);
+        count_connection(service.service_id, Some(backend_id));
+        let (vip, to) = (
+            (frontend.addr[0], frontend.port),
+            (backend.addr[0], backend.port),
+        );
+        events::emit_sock(netns, flow::TRANSLATE, proto, vip, to, drop::NONE);
     }
     if sticky {
         let value = SockFwdValue {

@@ -4,11 +4,13 @@
 //! other interface (or in a program test without an entry) is not counted here.
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use ferrovia_common::{
-    CT_TIMEOUT_UDP_NS, CtKey, DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP, drop,
+    CT_TIMEOUT_UDP_NS, CtKey, DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP,
+    drop, flow,
 };
 
 use crate::{
     conntrack::ct_key,
+    events,
     maps::{POD_STATS, UDP_FLOWS},
     packet::{FRAG_LATER, Ipv4Packet, TCP_ACK, TCP_SYN},
     policy::Gate,
@@ -62,10 +64,13 @@ fn counters(wire: Wire, dir: u8) -> Option<&'static mut DirStats> {
 /// Counts an IPv4 packet the programs parsed, with its outcome: `action` as returned to tc,
 /// and what its path noted on `gate`.
 #[inline(always)]
-pub fn account(wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) {
+pub fn account(ctx: &TcContext, wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) {
     let Some(d) = counters(wire, dir) else {
         return;
     };
+    if gate.dropped() != drop::NONE {
+        events::emit(ctx, wire.ifindex, dir, pkt, flow::DROP, gate, false);
+    }
     match gate.dropped() {
         drop::NONE => {}
         drop::POLICY => d.drop_policy += 1,
@@ -79,6 +84,7 @@ pub fn account(wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) 
     if pkt.proto == PROTO_TCP {
         if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             d.conns_tcp += 1;
+            events::emit(ctx, wire.ifindex, dir, pkt, flow::NEW, gate, true);
         }
     } else if pkt.proto == PROTO_UDP
         && pkt.frag != FRAG_LATER
@@ -86,6 +92,7 @@ pub fn account(wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i32, gate: &Gate) 
         && new_udp_flow(pkt, dir)
     {
         d.conns_udp += 1;
+        events::emit(ctx, wire.ifindex, dir, pkt, flow::NEW, gate, true);
     }
 }
 
