@@ -182,10 +182,10 @@ impl FlowHub {
             .unwrap_or_default();
         let (dst, dport) = (ip(ev.xaddr), u16::from_be(ev.xport));
         let (vip, vport) = (ip(ev.daddr), u16::from_be(ev.dport));
-        // Through a service: translated, or refused for want of endpoints.
-        let translated = (vip, vport) != (dst, dport);
-        let via = translated || ev.drop == drop::NO_ENDPOINTS;
-        let service = names.frontends.get(&(vip, vport, ev.proto)).filter(|_| via);
+        // Through a service: translated, or addressed to a frontend (a refusal for want of
+        // endpoints, a drop before the translation).
+        let service = names.frontends.get(&(vip, vport, ev.proto));
+        let via = (vip, vport) != (dst, dport) || service.is_some();
         let time = i128::from(ev.ts_ns) + self.clock_offset_ns;
         v1::FlowEvent {
             time_unix_nano: u64::try_from(time.max(0)).unwrap_or(u64::MAX),

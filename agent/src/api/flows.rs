@@ -109,6 +109,14 @@ pub fn flow_line(ev: &v1::FlowEvent) -> String {
             format!("{at} ({pod})")
         }
     };
+    // Addressed to a frontend and not translated (yet): the destination is the service.
+    let translated = !ev.service_address.is_empty()
+        && (ev.service_address != ev.destination || ev.service_port != ev.destination_port);
+    let destination_name = if ev.service_address.is_empty() || translated {
+        &ev.destination_pod
+    } else {
+        &ev.service
+    };
     let mut line = format!(
         "{:02}:{:02}:{:02}.{millis:03} {:<7} {}/{} {:<14} {} {} -> {}",
         (secs / 3600) % 24,
@@ -120,10 +128,10 @@ pub fn flow_line(ev: &v1::FlowEvent) -> String {
         ev.r#type,
         ev.protocol,
         end(&ev.source, ev.source_port, &ev.source_pod),
-        end(&ev.destination, ev.destination_port, &ev.destination_pod),
+        end(&ev.destination, ev.destination_port, destination_name),
     );
     // Writing to a String cannot fail.
-    if !ev.service_address.is_empty() {
+    if translated {
         let _ = write!(line, " via {}:{}", ev.service_address, ev.service_port);
         if !ev.service.is_empty() {
             let _ = write!(line, " {}", ev.service);

@@ -273,3 +273,41 @@ fn socket_hook_events_name_the_calling_pod_and_the_service() {
         "the node's own process"
     );
 }
+
+#[test]
+fn a_drop_addressed_to_a_frontend_names_its_service() {
+    let hub = FlowHub::new(4);
+    hub.set_names(names());
+    // Dropped by policy before its translation: the packet still carries the VIP.
+    let mut ev = raw(flow::DROP, POL_DIR_EGRESS, PROTO_TCP, 80);
+    ev.xaddr = ev.daddr;
+    ev.xport = ev.dport;
+    let mut other = ev;
+    other.dport = 81u16.to_be();
+    other.xport = other.dport;
+    hub.publish(&[ev, other]);
+    let (got, _) = hub.subscribe(&FlowFilter::default(), 10, false);
+    assert_eq!(
+        (
+            got[0].service.as_str(),
+            got[0].service_address.as_str(),
+            got[0].service_port
+        ),
+        ("web/web", "10.96.0.10", 80)
+    );
+    assert_eq!(
+        (
+            got[1].service.as_str(),
+            got[1].service_address.as_str(),
+            got[1].service_port
+        ),
+        ("", "", 0),
+        "no frontend on port 81, not translated"
+    );
+    let line = crate::api::flows::flow_line(&got[0]);
+    assert!(
+        line.contains("-> 10.96.0.10:80 (web/web) denied (denied-by-port)")
+            && !line.contains("via"),
+        "{line}"
+    );
+}

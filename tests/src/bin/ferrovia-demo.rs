@@ -2,7 +2,8 @@
 //! `deploy/examples/`, two echo backends behind the `hostnames` `ClusterIP` Service and a client
 //! pod. Shows the spread of requests over the backends, the hairpin case, on the socket-level
 //! path and then on the per-packet path, and which source address each backend saw; then a
-//! `NetworkPolicy` (`deploy/policies/`) that admits only the client's TCP.
+//! `NetworkPolicy` (`deploy/policies/`) that admits only the client's TCP, what
+//! `ferrovia explain` says of a denied flow, and the last flow events (`ferrovia flows`).
 //! Everything lives in network namespaces and is removed on exit.
 //!
 //! Needs root and the workspace binaries (`cargo xtask demo` builds them).
@@ -127,10 +128,42 @@ fn main() -> Result<()> {
         &backends[0].probe(&short(ProbeSpec::tcp(vip)))?,
     );
 
+    let socket = node.api_socket();
+    let backend = &backends[0];
+    println!(
+        "\n== ferrovia explain {}/{} {vip_ip} tcp/{SERVICE_PORT}   (from the live maps)",
+        backend.namespace,
+        backend.name,
+        vip_ip = vip.ip()
+    );
+    let source = format!("{}/{}", backend.namespace, backend.name);
+    let target = format!("tcp/{SERVICE_PORT}");
+    print_cli(
+        &socket,
+        &["explain", &source, &vip.ip().to_string(), &target],
+    )?;
+    println!("\n== ferrovia flows --last 6   (events of the data path, named by the agent)");
+    print_cli(&socket, &["flows", "--last", "6"])?;
+
     println!("\n== cleaning up");
     drop(agent);
     node.destroy()?;
     println!("   done: namespaces, veths, pins and processes removed");
+    Ok(())
+}
+
+/// Runs the operator CLI against the agent and prints its table, indented.
+fn print_cli(socket: &Path, args: &[&str]) -> Result<()> {
+    let out = ferrovia_tests::cli::ferrovia(socket, args)?;
+    if !out.status.success() {
+        bail!(
+            "ferrovia {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("   {line}");
+    }
     Ok(())
 }
 
