@@ -128,28 +128,31 @@ fn main() -> Result<()> {
         &backends[0].probe(&short(ProbeSpec::tcp(vip)))?,
     );
 
-    let socket = node.api_socket();
-    let backend = &backends[0];
-    println!(
-        "\n== ferrovia explain {}/{} {vip_ip} tcp/{SERVICE_PORT}   (from the live maps)",
-        backend.namespace,
-        backend.name,
-        vip_ip = vip.ip()
-    );
-    let source = format!("{}/{}", backend.namespace, backend.name);
-    let target = format!("tcp/{SERVICE_PORT}");
-    print_cli(
-        &socket,
-        &["explain", &source, &vip.ip().to_string(), &target],
-    )?;
-    println!("\n== ferrovia flows --last 6   (events of the data path, named by the agent)");
-    print_cli(&socket, &["flows", "--last", "6"])?;
+    operator_views(&node.api_socket(), &backends[0], vip)?;
 
     println!("\n== cleaning up");
     drop(agent);
     node.destroy()?;
     println!("   done: namespaces, veths, pins and processes removed");
     Ok(())
+}
+
+/// What the operator CLI says of the denied hairpin (`explain`) and the last flow events.
+fn operator_views(socket: &Path, backend: &Pod, vip: SocketAddr) -> Result<()> {
+    println!(
+        "\n== ferrovia explain {}/{} {} tcp/{SERVICE_PORT}   (from the live maps)",
+        backend.namespace,
+        backend.name,
+        vip.ip()
+    );
+    let source = format!("{}/{}", backend.namespace, backend.name);
+    let target = format!("tcp/{SERVICE_PORT}");
+    print_cli(
+        socket,
+        &["explain", &source, &vip.ip().to_string(), &target],
+    )?;
+    println!("\n== ferrovia flows --last 6   (events of the data path, named by the agent)");
+    print_cli(socket, &["flows", "--last", "6"])
 }
 
 /// Runs the operator CLI against the agent and prints its table, indented.
