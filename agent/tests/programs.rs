@@ -2935,3 +2935,73 @@ fn conntrack_evictions_are_created_minus_deleted_minus_present() {
         "evictions stay what the LRU took, the collected entries aside"
     );
 }
+
+/// `ferrovia explain`'s lookups over the pinned maps give the verdict and the reason the
+/// programs give: every (peer, protocol, port) of a table, at BACKEND's ingress (rules by
+/// peer prefix and port, an `except` hole) and egress (isolated, no rule), judged by both —
+/// the programs on a new flow through `BPF_PROG_TEST_RUN`, counted by reason.
+#[test]
+fn explain_lookups_agree_with_the_programs_verdicts() {
+    use ferrovia_agent::datapath::explain::{Lookups, PinnedLookups};
+    use ferrovia_agent::model::policy::Dir;
+    let mut t = load("explain-agree");
+    sync_policy(&mut t, &backend_policy(true));
+    let lookups = PinnedLookups::open(&t.root).expect("the pinned maps");
+    assert!(lookups.enforcing().unwrap());
+    let peers: [[u8; 4]; 5] = [CLIENT, [10, 244, 0, 7], EXCEPTED, OTHER, [192, 0, 2, 1]];
+    let services: [(u8, u16); 6] = [(6, 80), (6, 81), (6, 82), (17, 53), (6, 9000), (17, 9000)];
+    let mut sport = 20_000;
+    let mut seen = std::collections::BTreeSet::new();
+    for peer in peers {
+        for (proto, port) in services {
+            sport += 1;
+            let packet = |src, dst, sport, dport| {
+                if proto == PROTO_TCP {
+                    tcp(src, sport, dst, dport, true, b"")
+                } else {
+                    udp(src, sport, dst, dport, b"q")
+                }
+            };
+            for (dir, point) in [
+                (Dir::Ingress, POL_DIR_INGRESS),
+                (Dir::Egress, POL_DIR_EGRESS),
+            ] {
+                let explained = lookups
+                    .verdict(dir, BACKEND.into(), peer.into(), proto, port)
+                    .unwrap();
+                let before: Vec<u64> = (0..verdict::COUNT)
+                    .map(|r| verdicts(&t, BACKEND, point, r))
+                    .collect();
+                let action = if point == POL_DIR_INGRESS {
+                    to_pod(&t, &packet(peer, BACKEND, sport, port))
+                } else {
+                    run(&t, "from_pod", &packet(BACKEND, peer, sport, port)).0
+                };
+                let counted: Vec<u8> = (0..verdict::COUNT)
+                    .filter(|&r| verdicts(&t, BACKEND, point, r) > before[usize::from(r)])
+                    .collect();
+                let case = format!("{peer:?} {proto}/{port} {dir:?}");
+                assert_eq!(counted, [explained], "{case}: the programs' reason");
+                assert_eq!(
+                    action == TC_ACT_OK,
+                    verdict::allows(explained),
+                    "{case}: {}",
+                    verdict::name(explained)
+                );
+                seen.insert(explained);
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            verdict::ALLOW_RULE,
+            verdict::DENY_NO_RULE,
+            verdict::DENY_EXCEPT,
+            verdict::DENY_PORT
+        ]
+        .into_iter()
+        .collect(),
+        "the table covers every reason of an isolated point"
+    );
+}
