@@ -32,25 +32,22 @@ pub struct Names {
 }
 
 impl Names {
-    /// From the node's state: `local` the registered pods as (interface index, pod, IPs).
-    pub fn new<'a>(
+    /// From the node's state: `local` the registered pods as (interface index, pod), with
+    /// their addresses in `pod_ips`.
+    pub fn new(
         state: &ClusterState,
-        local: impl Iterator<Item = (u32, ObjRef, &'a [IpAddr])>,
+        local: impl Iterator<Item = (u32, ObjRef)>,
         pod_ips: &PodIps,
         desired: &Desired,
     ) -> Self {
-        let mut names = Self::default();
-        for (key, pod) in &state.pods {
-            if let Some(IpAddr::V4(ip)) = crate::model::endpoints::pod_ip(pod, key, pod_ips, true) {
-                names.by_ip.insert(ip, key.clone());
-            }
-        }
-        for (ifindex, pod, ips) in local {
-            for ip in ips {
-                if let IpAddr::V4(ip) = ip {
-                    names.by_ip.insert(*ip, pod.clone());
-                }
-            }
+        let mut names = Self {
+            by_ip: crate::model::endpoints::pods_by_ipv4(state, pod_ips)
+                .into_iter()
+                .map(|(ip, (pod, _))| (ip, pod))
+                .collect(),
+            ..Self::default()
+        };
+        for (ifindex, pod) in local {
             if ifindex != 0 {
                 names.by_ifindex.insert(ifindex, pod);
             }
@@ -84,8 +81,9 @@ pub struct FlowHub {
     recent: Mutex<VecDeque<Flow>>,
     capacity: usize,
     tx: broadcast::Sender<Flow>,
-    /// Unix time minus `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` counts), in ns.
-    clock_offset_ns: i128,
+    /// Unix time minus `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` counts), in ns; read again
+    /// at each batch, so that a step of the wall clock (NTP) shows in later events.
+    clock_offset_ns: std::sync::atomic::AtomicI64,
     /// Events published since the start.
     read: AtomicU64,
 }
@@ -100,7 +98,7 @@ impl FlowHub {
             recent: Mutex::new(VecDeque::with_capacity(capacity)),
             capacity,
             tx: broadcast::channel(capacity).0,
-            clock_offset_ns: clock_offset_ns(),
+            clock_offset_ns: std::sync::atomic::AtomicI64::new(clock_offset_ns()),
             read: AtomicU64::new(0),
         })
     }
@@ -122,6 +120,8 @@ impl FlowHub {
     /// Names `raw` events and hands them to the recent buffer and the followers.
     pub fn publish(&self, raw: &[ferrovia_common::FlowEvent]) {
         self.read.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        self.clock_offset_ns
+            .store(clock_offset_ns(), Ordering::Relaxed);
         let names = Arc::clone(
             &self
                 .names
@@ -186,7 +186,7 @@ impl FlowHub {
         // endpoints, a drop before the translation).
         let service = names.frontends.get(&(vip, vport, ev.proto));
         let via = (vip, vport) != (dst, dport) || service.is_some();
-        let time = i128::from(ev.ts_ns) + self.clock_offset_ns;
+        let time = i128::from(ev.ts_ns) + i128::from(self.clock_offset_ns.load(Ordering::Relaxed));
         v1::FlowEvent {
             time_unix_nano: u64::try_from(time.max(0)).unwrap_or(u64::MAX),
             r#type: match ev.kind {
@@ -230,6 +230,11 @@ impl FlowHub {
             service: service.map(|(s, _)| s.to_string()).unwrap_or_default(),
             service_port_name: service.map(|(_, p)| p.clone()).unwrap_or_default(),
             suppressed: ev.suppressed,
+            policy_direction: match ev.verdict {
+                flow::NOT_JUDGED => String::new(),
+                _ if ev.policy_dir == POL_DIR_EGRESS => "egress".into(),
+                _ => "ingress".into(),
+            },
         }
     }
 }
@@ -365,8 +370,8 @@ fn drop_name(why: u8) -> &'static str {
     }
 }
 
-/// Unix time minus `CLOCK_MONOTONIC`, in ns.
-fn clock_offset_ns() -> i128 {
+/// Unix time minus `CLOCK_MONOTONIC`, in ns (fits: the Unix time in ns does until 2262).
+fn clock_offset_ns() -> i64 {
     let read = |clock| {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -376,7 +381,7 @@ fn clock_offset_ns() -> i128 {
         unsafe { libc::clock_gettime(clock, &raw mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
     };
-    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+    i64::try_from(read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
 #[cfg(test)]

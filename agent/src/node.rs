@@ -235,8 +235,8 @@ impl Node {
         Ok(())
     }
 
-    /// Starts reading the data path's flow events into `hub` (named from the next sync on,
-    /// and from now). Once: the ring buffer has one reader.
+    /// Starts reading the data path's flow events into `hub`, named from the next sync on
+    /// (start it before the first). Once: the ring buffer has one reader.
     pub async fn start_flows(&self, hub: Arc<FlowHub>) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let map = inner
@@ -245,7 +245,6 @@ impl Node {
             .context("the flow events' ring buffer is already read")?;
         let reader = FlowReader::new(map)?;
         inner.flows = Some(Arc::clone(&hub));
-        Self::resync(&mut inner);
         tokio::spawn(crate::flows::run(reader, hub));
         Ok(())
     }
@@ -437,7 +436,6 @@ fn flow_names(inner: &Inner, pod_ips: &PodIps, desired: &model::Desired) -> Name
         (
             p.iface.ifindex,
             ObjRef::new(p.namespace.clone(), p.name.clone()),
-            p.ips.as_slice(),
         )
     });
     Names::new(&inner.state, local, pod_ips, desired)

@@ -17,6 +17,8 @@ const WEB: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 7
 const EMPTY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 78, 11), 80));
 /// Where the warm-up datagrams go: a port the server's policy does not open.
 const WARM_UP_PORT: u16 = 9999;
+/// TCP connections of the server to itself through the web VIP (allowed).
+const HAIRPINS: u64 = 2;
 const SHORT: Duration = Duration::from_millis(300);
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -48,6 +50,8 @@ spec:
   ingress:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 8080}]
+  - from: [{podSelector: {matchLabels: {app: server}}}]
+    ports: [{protocol: TCP, port: 8080}]
 ---
 apiVersion: v1
 kind: Service
@@ -130,6 +134,16 @@ fn expected(n_tcp: u64, n_vip: u64, m: u64) -> BTreeMap<String, u64> {
         ),
         (
             format!("{c} egress drop TCP {c}->   no-endpoints shop/empty"),
+            1,
+        ),
+        // The server through its own VIP: judged at its egress and its ingress in from_pod,
+        // one event each (the bounce back into it makes none at its ingress).
+        (
+            format!("{s} egress new-connection TCP {s}->{s} {rule}  shop/web"),
+            HAIRPINS,
+        ),
+        (
+            format!("{s} egress drop UDP {s}->{s} denied denied-by-port policy-denied shop/web"),
             1,
         ),
     ]
@@ -225,6 +239,16 @@ impl Shop {
             .probe(&ProbeSpec::tcp(EMPTY))
             .expect("no endpoints");
         assert!(!refused[0].ok, "{refused:?}");
+        let hairpin = self
+            .server
+            .probe(&ProbeSpec::tcp(WEB).count(HAIRPINS))
+            .expect("the server through its VIP");
+        assert!(hairpin.iter().all(|r| r.ok), "{hairpin:?}");
+        let denied = self
+            .server
+            .probe(&ProbeSpec::udp(WEB).timeout(SHORT))
+            .expect("the server through its VIP, UDP");
+        assert!(!denied[0].ok, "its policy admits only its TCP: {denied:?}");
     }
 
     /// `ferrovia -o json flows ARGS`: the recent events, one per line.
@@ -248,7 +272,10 @@ impl Shop {
 
 /// The fields the tally leaves out: addresses, ports, the translation, the time.
 fn check_fields(shop: &Shop, seen: &[Value]) {
-    let via: Vec<&Value> = seen.iter().filter(|e| e["service"] == "shop/web").collect();
+    let via: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["service"] == "shop/web" && e["pod"] == "client")
+        .collect();
     assert!(!via.is_empty());
     for ev in &via {
         assert_eq!(ev["service_address"], "10.96.78.10", "{ev}");
@@ -304,13 +331,27 @@ fn check_recent(shop: &Shop, want: &BTreeMap<String, u64>, (n_vip, m): (u64, u64
         *want,
         "the recent events are the ones followed"
     );
-    assert_eq!(count(&["--verdict", "denied", "--protocol", "udp"]), m);
+    assert_eq!(
+        count(&["--verdict", "denied", "--protocol", "udp"]),
+        m + 1,
+        "the stranger's and the server's hairpin"
+    );
     assert_eq!(
         count(&["--pod", "shop/client", "--port", "80"]),
         n_vip + 1,
         "via the VIP (service port 80) and the refusal"
     );
-    assert_eq!(count(&["--verdict", "dropped", "-n", "shop"]), m + 1);
+    assert_eq!(count(&["--verdict", "dropped", "-n", "shop"]), m + 2);
+    let hairpins = shop.recent(&["--pod", "shop/server", "--port", "80"]);
+    assert_eq!(hairpins.len() as u64, HAIRPINS + 1, "{hairpins:#?}");
+    for ev in &hairpins {
+        assert_eq!(
+            (ev["direction"].as_str(), ev["policy_direction"].as_str()),
+            (Some("egress"), Some("ingress")),
+            "judged last by its own ingress: {ev}"
+        );
+        assert_eq!(ev["destination"], shop.server.ip.to_string(), "{ev}");
+    }
     assert!(shop.recent(&["--namespace", "elsewhere"]).is_empty());
     assert_eq!(shop.recent(&["--last", "2"]).len(), 2);
     let socket = shop.node.api_socket();

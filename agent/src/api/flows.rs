@@ -31,7 +31,12 @@ pub fn stream(hub: Option<Arc<FlowHub>>, req: &v1::FlowsRequest) -> Result<FlowS
     };
     let live = async_stream(move |tx| async move {
         loop {
-            match rx.recv().await {
+            let received = tokio::select! {
+                // The client went: stop now, not at the next matching event.
+                () = tx.closed() => return,
+                received = rx.recv() => received,
+            };
+            match received {
                 Ok(ev) if filter.matches(&ev) => {
                     if tx.send(Ok((*ev).clone())).await.is_err() {
                         return;
@@ -87,6 +92,7 @@ pub fn flow_json(ev: &v1::FlowEvent) -> serde_json::Value {
         "service": ev.service,
         "service_port_name": ev.service_port_name,
         "suppressed": ev.suppressed,
+        "policy_direction": ev.policy_direction,
     })
 }
 
@@ -138,7 +144,11 @@ pub fn flow_line(ev: &v1::FlowEvent) -> String {
         }
     }
     if !ev.verdict.is_empty() {
-        let _ = write!(line, " {} ({})", ev.verdict, ev.policy_reason);
+        let _ = write!(line, " {} ({}", ev.verdict, ev.policy_reason);
+        if ev.policy_direction != ev.direction {
+            let _ = write!(line, " at {}", ev.policy_direction);
+        }
+        line.push(')');
     }
     if !ev.drop_reason.is_empty() {
         let _ = write!(line, " dropped ({})", ev.drop_reason);

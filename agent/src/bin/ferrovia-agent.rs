@@ -84,8 +84,9 @@ struct Args {
     map_backend_stats: u32,
     /// Seconds between two sweeps of the flow maps (service and policy conntrack, UDP flows,
     /// affinity) for expired entries, which the programs never delete; 0 leaves them to LRU
-    /// eviction.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    /// eviction. At most a day.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     conntrack_gc_interval: u64,
     /// Flow events (`ferrovia flows`) per pod and CPU per second at most, on average; 0 turns
     /// them off. A pod's events beyond it are counted and dropped in the kernel.
@@ -94,9 +95,10 @@ struct Args {
     /// Flow events a pod may emit in a burst above the rate (per CPU).
     #[arg(long, default_value_t = FlowRate::default().burst)]
     flow_events_burst: u32,
-    /// Flow events the agent keeps for `ferrovia flows` without --follow.
-    #[arg(long, default_value_t = 4096)]
-    flow_events_recent: usize,
+    /// Flow events the agent keeps for `ferrovia flows` without --follow (and a follower may
+    /// lag behind), 1 to 1,000,000.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    flow_events_recent: u32,
     /// Size of the flow events' ring buffer in bytes (a power of two, at least 4096; 48 bytes
     /// an event).
     #[arg(long, default_value_t = MapSizes::default().flow_events_bytes, value_parser = ring_size)]
@@ -233,11 +235,11 @@ async fn main() -> Result<()> {
     )?);
     // The first full sync happens before the API socket exists: its presence means ready,
     // and so does /readyz.
-    node.resync_now().await;
     if flow_rate.per_second > 0 {
-        node.start_flows(FlowHub::new(args.flow_events_recent))
+        node.start_flows(FlowHub::new(args.flow_events_recent as usize))
             .await?;
     }
+    node.resync_now().await;
     if args.conntrack_gc_interval > 0 {
         node.start_conntrack_gc(std::time::Duration::from_secs(args.conntrack_gc_interval));
     }

@@ -190,6 +190,9 @@ fn sweep_map<K: Pod, V: Pod, J>(
         if !expired(&context, key, &value, monotonic_ns()) {
             continue;
         }
+        // A race the kernel gives no way to close (no compare-and-delete): a packet starting
+        // a new flow on this tuple between the read and the delete loses its fresh entry; its
+        // next packet makes another (a TCP connection may then be balanced anew).
         total.fetch_add(1, Ordering::Relaxed);
         if map.remove(key).is_ok() {
             deleted += 1;

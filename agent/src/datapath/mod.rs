@@ -702,8 +702,8 @@ fn size_maps(loader: &mut EbpfLoader, s: &MapSizes) {
         .map_max_entries("FRONTEND_STATS", s.frontend_stats)
         .map_max_entries("BACKEND_STATS", s.backend_stats)
         .map_max_entries("UDP_FLOWS", s.udp_flows)
-        // One token bucket per counted pod.
-        .map_max_entries("FLOW_LIMIT", s.pod_stats)
+        // One token bucket per counted pod, and the socket hooks'.
+        .map_max_entries("FLOW_LIMIT", s.pod_stats.saturating_add(1))
         .map_max_entries("FLOW_EVENTS", s.flow_events_bytes);
 }
 

@@ -22,7 +22,7 @@ impl PodStatsMap {
     }
 
     /// Makes sure `ifindex` has its entries (zeros when new; a restarted agent keeps counting
-    /// where the previous run left off). A bucket starts empty and fills within its burst.
+    /// where the previous run left off). A bucket starts full (its last refill at time 0).
     pub fn ensure(&mut self, ifindex: u32) -> Result<()> {
         ensure_zeroed(&mut self.map, ifindex, "POD_STATS")?;
         ensure_zeroed(&mut self.limits, ifindex, "FLOW_LIMIT")

@@ -33,7 +33,7 @@ fn raw(kind: u8, dir: u8, proto: u8, dport: u16) -> FlowEvent {
         } else {
             drop::NONE
         },
-        _pad: 0,
+        policy_dir: dir,
     }
 }
 
@@ -218,8 +218,32 @@ fn an_event_renders_as_one_line_for_people() {
     assert_eq!(json["destination_port"], 8080);
     assert_eq!(
         json.as_object().map(serde_json::Map::len),
-        Some(20),
+        Some(21),
         "every field"
+    );
+    assert_eq!(json["policy_direction"], "ingress");
+}
+
+#[test]
+fn a_hairpin_denied_by_its_own_ingress_says_so() {
+    let hub = FlowHub::new(4);
+    hub.set_names(names());
+    // client -> the VIP -> client itself, judged in from_pod at its egress, then its ingress.
+    let mut ev = raw(flow::DROP, POL_DIR_EGRESS, PROTO_TCP, 80);
+    ev.xaddr = ev.saddr;
+    ev.verdict = verdict::DENY_NO_RULE;
+    ev.policy_dir = POL_DIR_INGRESS;
+    hub.publish(&[ev]);
+    let (got, _) = hub.subscribe(&FlowFilter::default(), 10, false);
+    assert_eq!(
+        (got[0].direction.as_str(), got[0].policy_direction.as_str()),
+        ("egress", "ingress")
+    );
+    assert_eq!(got[0].destination_pod, "default/client");
+    let line = crate::api::flows::flow_line(&got[0]);
+    assert!(
+        line.contains("via 10.96.0.10:80 web/web denied (denied-by-default at ingress)"),
+        "{line}"
     );
 }
 

@@ -192,6 +192,34 @@ fn matches_selector(pod: &Pod, selector: &BTreeMap<String, String>) -> bool {
 }
 
 /// Succeeded or Failed: the pod will never serve again.
+/// Who has each IPv4 address, as far as the agent knows: the pods this node registered
+/// (`local`, `true`), then other pods by their status — not host-network pods (they have
+/// their node's address) nor finished ones (their address may have passed on).
+#[must_use]
+pub fn pods_by_ipv4(
+    state: &ClusterState,
+    local: &PodIps,
+) -> BTreeMap<std::net::Ipv4Addr, (ObjRef, bool)> {
+    let mut names = BTreeMap::new();
+    for (pod, ips) in local {
+        for ip in ips {
+            if let IpAddr::V4(v4) = ip {
+                names.entry(*v4).or_insert_with(|| (pod.clone(), true));
+            }
+        }
+    }
+    for (key, pod) in &state.pods {
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        if host_network || is_terminal(pod) {
+            continue;
+        }
+        if let Some(IpAddr::V4(v4)) = pod_ip(pod, key, local, true) {
+            names.entry(v4).or_insert_with(|| (key.clone(), false));
+        }
+    }
+    names
+}
+
 pub(crate) fn is_terminal(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))

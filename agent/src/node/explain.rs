@@ -19,7 +19,6 @@ use crate::api::explain::{
     PolicyRule,
 };
 use crate::datapath::explain::{Lookups, MapFrontend, PinnedLookups};
-use crate::model::endpoints::{is_terminal, pod_ip};
 use crate::model::policy::{self, Dir};
 use crate::model::{self, ClusterState, FrontendKey, ObjRef, PodIps, Protocol};
 
@@ -70,25 +69,7 @@ struct View {
 
 impl View {
     fn new(state: Arc<ClusterState>, local: PodIps) -> Self {
-        let mut names = BTreeMap::new();
-        for (pod, ips) in &local {
-            for ip in ips {
-                if let IpAddr::V4(v4) = ip {
-                    names.entry(*v4).or_insert_with(|| (pod.clone(), true));
-                }
-            }
-        }
-        // Other nodes' pods, by the addresses their manifests' status gives. A host-network
-        // pod has its node's address, and a finished one may have passed its address on.
-        for (key, pod) in &state.pods {
-            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-            if host_network || is_terminal(pod) {
-                continue;
-            }
-            if let Some(IpAddr::V4(v4)) = pod_ip(pod, key, &local, true) {
-                names.entry(v4).or_insert_with(|| (key.clone(), false));
-            }
-        }
+        let names = crate::model::endpoints::pods_by_ipv4(&state, &local);
         Self {
             state,
             local,

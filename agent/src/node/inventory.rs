@@ -186,19 +186,12 @@ struct BackendNames {
 
 impl BackendNames {
     fn new(state: &ClusterState, pod_ips: &PodIps) -> Self {
-        let mut pods = BTreeMap::new();
-        // Frontends are IPv4 only (no IPv6 data path yet), and so are their backends.
-        for (key, pod) in &state.pods {
-            if let Some(ip) = endpoints::pod_ip(pod, key, pod_ips, true) {
-                pods.insert(ip, key.clone());
-            }
-        }
-        // What the CNI plugin registered is what this node's pods have.
-        for (key, ips) in pod_ips {
-            for ip in ips {
-                pods.insert(*ip, key.clone());
-            }
-        }
+        // Frontends are IPv4 only (no IPv6 data path yet), and so are their backends; this
+        // node's pods first, then running pods elsewhere.
+        let pods: BTreeMap<IpAddr, ObjRef> = endpoints::pods_by_ipv4(state, pod_ips)
+            .into_iter()
+            .map(|(ip, (pod, _))| (IpAddr::V4(ip), pod))
+            .collect();
         let mut targets = BTreeMap::new();
         for (key, slice) in &state.endpoint_slices {
             let labels = slice.metadata.labels.as_ref();

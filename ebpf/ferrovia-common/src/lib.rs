@@ -398,7 +398,9 @@ pub struct FlowEvent {
     pub verdict: u8,
     /// `drop::*`.
     pub drop: u8,
-    pub _pad: u8,
+    /// The point (`POL_DIR_*`) whose policy gave `verdict`: `dir`, except for a hairpin, which
+    /// `from_pod` judges at the pod's egress and then its ingress.
+    pub policy_dir: u8,
 }
 
 /// Kinds of [`FlowEvent`].
@@ -415,6 +417,9 @@ pub mod flow {
     pub const SOCKET_BUCKET: u32 = 0;
     /// `FlowEvent::verdict` when policy did not judge the packet (enforcement off).
     pub const NOT_JUDGED: u8 = 0xff;
+    /// A hairpin bounced back into the pod, judged (and its event emitted) in `from_pod`: no
+    /// second event at its ingress.
+    pub const JUDGED_BEFORE: u8 = 0xfe;
 }
 
 /// Value of the per-CPU `FLOW_LIMIT` map (key: a pod's host-side interface index): a token

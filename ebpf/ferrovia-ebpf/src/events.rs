@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use ferrovia_common::{FlowEvent, POL_DIR_EGRESS, counter, flow};
+use ferrovia_common::{FlowEvent, POL_DIR_EGRESS, counter, flow, verdict};
 
 use crate::{
     maps::{FLOW_CONFIG, FLOW_EVENTS, FLOW_LIMIT, POD_NETNS, count},
@@ -19,18 +19,15 @@ use crate::{
 const L4_DPORT_OFF: usize = 2;
 
 /// Emits a `kind` event for the packet seen at `ifindex` in direction `dir`, if the pod's
-/// bucket has credit. `translated`: read where the packet goes now (after the per-packet
-/// path's rewrite) from the packet itself.
+/// bucket has credit: its destination as policy judged it (after translation), or, with
+/// policy off, as the per-packet path rewrote it (a new connection leaving the pod).
 #[inline(always)]
-pub fn emit(
-    ctx: &TcContext,
-    ifindex: u32,
-    dir: u8,
-    pkt: &Ipv4Packet,
-    kind: u8,
-    gate: &Gate,
-    translated: bool,
-) {
+pub fn emit(ctx: &TcContext, ifindex: u32, dir: u8, pkt: &Ipv4Packet, kind: u8, gate: &Gate) {
+    let judged = gate.judged();
+    if judged == flow::JUDGED_BEFORE && kind == flow::NEW {
+        // A hairpin bounced back into the pod: its event came from `from_pod`.
+        return;
+    }
     // SAFETY: helper without side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(suppressed) = admit(ifindex, now) else {
@@ -41,6 +38,8 @@ pub fn emit(
         return;
     };
     let ev = entry.as_mut_ptr();
+    let (point, daddr, dport) = gate.judged_at();
+    let by_policy = judged < verdict::COUNT;
     // SAFETY: `ev` points to a reserved, writable record of the ring buffer of our size;
     // every field is written before it is submitted.
     unsafe {
@@ -49,26 +48,37 @@ pub fn emit(
         (*ev).suppressed = suppressed;
         (*ev).saddr = pkt.saddr;
         (*ev).daddr = pkt.daddr;
-        (*ev).xaddr = pkt.daddr;
         (*ev).sport = pkt.sport;
         (*ev).dport = pkt.dport;
-        (*ev).xport = pkt.dport;
         (*ev).proto = pkt.proto;
         (*ev).dir = dir;
         (*ev).kind = kind;
-        (*ev).verdict = gate.judged();
         (*ev).drop = gate.dropped();
-        (*ev)._pad = 0;
-        if translated && dir == POL_DIR_EGRESS {
-            // Read straight into the record: no stack. A failed read leaves the original.
-            let skb = ctx.skb.skb.cast();
-            let _ = bpf_skb_load_bytes(skb, IP_DADDR_OFF as u32, (&raw mut (*ev).xaddr).cast(), 4);
-            let _ = bpf_skb_load_bytes(
-                skb,
-                (pkt.l4_off + L4_DPORT_OFF) as u32,
-                (&raw mut (*ev).xport).cast(),
-                2,
-            );
+        if by_policy {
+            // Where the flow goes as policy judged it: after translation, before any rewrite
+            // (a denied flow is not rewritten).
+            (*ev).verdict = judged;
+            (*ev).policy_dir = point;
+            (*ev).xaddr = daddr;
+            (*ev).xport = dport;
+        } else {
+            (*ev).verdict = flow::NOT_JUDGED;
+            (*ev).policy_dir = dir;
+            (*ev).xaddr = pkt.daddr;
+            (*ev).xport = pkt.dport;
+            if kind == flow::NEW && dir == POL_DIR_EGRESS {
+                // Policy off: where the rewrite sent it, read straight into the record (no
+                // stack). A failed read zeroes the field.
+                let skb = ctx.skb.skb.cast();
+                let _ =
+                    bpf_skb_load_bytes(skb, IP_DADDR_OFF as u32, (&raw mut (*ev).xaddr).cast(), 4);
+                let _ = bpf_skb_load_bytes(
+                    skb,
+                    (pkt.l4_off + L4_DPORT_OFF) as u32,
+                    (&raw mut (*ev).xport).cast(),
+                    2,
+                );
+            }
         }
     }
     entry.submit(0);
@@ -101,7 +111,7 @@ pub fn emit_sock(netns: u64, kind: u8, proto: u8, vip: (u32, u16), backend: (u32
         kind,
         verdict: flow::NOT_JUDGED,
         drop: why,
-        _pad: 0,
+        policy_dir: POL_DIR_EGRESS,
     };
     if FLOW_EVENTS.output(&ev, 0).is_err() {
         count(counter::FLOW_LOST);

@@ -73,6 +73,9 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
             // After the mark: read first, LLVM reuses the skb field's address for the write,
             // which the verifier refuses ("dereference of modified ctx ptr").
             let gate = Gate::current(&pkt);
+            if judged {
+                gate.note_judged_before();
+            }
             // A packet the node itself sent has not come in through any interface.
             let from_host = ingress_ifindex == 0;
             let result = if !judged && !gate.ingress(&Flow::of(&pkt), from_host) {

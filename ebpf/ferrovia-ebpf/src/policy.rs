@@ -101,8 +101,12 @@ pub struct Gate {
     len: u64,
     drop: Cell<u8>,
     reply: Cell<bool>,
-    /// The last `verdict` reason recorded for the packet (`flow::NOT_JUDGED`: none).
+    /// The last `verdict` reason recorded for the packet (`flow::NOT_JUDGED`: none), the
+    /// point (`POL_DIR_*`) that gave it, and the destination it judged (after translation).
     judged: Cell<u8>,
+    judged_point: Cell<u8>,
+    judged_dport: Cell<u16>,
+    judged_daddr: Cell<u32>,
 }
 
 impl Gate {
@@ -116,6 +120,9 @@ impl Gate {
             drop: Cell::new(drop::NONE),
             reply: Cell::new(false),
             judged: Cell::new(ferrovia_common::flow::NOT_JUDGED),
+            judged_point: Cell::new(POL_DIR_EGRESS),
+            judged_dport: Cell::new(0),
+            judged_daddr: Cell::new(0),
         }
     }
 
@@ -142,10 +149,28 @@ impl Gate {
         self.reply.get()
     }
 
-    /// The verdict reason policy gave the packet, `flow::NOT_JUDGED` when it did not judge it.
+    /// The verdict reason policy gave the packet, `flow::NOT_JUDGED` when it did not judge it
+    /// (`flow::JUDGED_BEFORE`: a hairpin judged in `from_pod`).
     #[inline(always)]
     pub fn judged(&self) -> u8 {
         self.judged.get()
+    }
+
+    /// The point (`POL_DIR_*`) whose verdict [`Gate::judged`] is, and the destination address
+    /// and port it judged; meaningful once judged.
+    #[inline(always)]
+    pub fn judged_at(&self) -> (u8, u32, u16) {
+        (
+            self.judged_point.get(),
+            self.judged_daddr.get(),
+            self.judged_dport.get(),
+        )
+    }
+
+    /// Notes that policy judged this packet before (a hairpin bounced back by `from_pod`).
+    #[inline(always)]
+    pub fn note_judged_before(&self) {
+        self.judged.set(ferrovia_common::flow::JUDGED_BEFORE);
     }
 
     /// The sending pod's egress point (`from_pod`).
@@ -202,6 +227,9 @@ impl Gate {
             }
             reason
         };
+        self.judged_point.set(dir);
+        self.judged_daddr.set(flow.daddr);
+        self.judged_dport.set(flow.dport);
         self.record(subject, dir, reason)
     }
 

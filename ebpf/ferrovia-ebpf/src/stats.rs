@@ -68,23 +68,34 @@ pub fn account(ctx: &TcContext, wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i
     let Some(d) = counters(wire, dir) else {
         return;
     };
-    if gate.dropped() != drop::NONE {
-        events::emit(ctx, wire.ifindex, dir, pkt, flow::DROP, gate, false);
+    let kind = match gate.dropped() {
+        drop::NONE => new_connection(d, pkt, dir, action, gate),
+        why => {
+            match why {
+                drop::POLICY => d.drop_policy += 1,
+                drop::NO_ENDPOINTS => d.drop_no_endpoints += 1,
+                drop::CT_FULL => d.drop_ct_full += 1,
+                _ => d.drop_xlate_error += 1,
+            }
+            flow::DROP
+        }
+    };
+    // One call site: the event code is inlined once per program.
+    if kind != 0 {
+        events::emit(ctx, wire.ifindex, dir, pkt, kind, gate);
     }
-    match gate.dropped() {
-        drop::NONE => {}
-        drop::POLICY => d.drop_policy += 1,
-        drop::NO_ENDPOINTS => d.drop_no_endpoints += 1,
-        drop::CT_FULL => d.drop_ct_full += 1,
-        _ => d.drop_xlate_error += 1,
-    }
-    if gate.dropped() != drop::NONE || action == TC_ACT_SHOT as i32 {
-        return;
+}
+
+/// Counts a packet let through that starts a connection: `flow::NEW` if it did, else 0.
+#[inline(always)]
+fn new_connection(d: &mut DirStats, pkt: &Ipv4Packet, dir: u8, action: i32, gate: &Gate) -> u8 {
+    if action == TC_ACT_SHOT as i32 {
+        return 0;
     }
     if pkt.proto == PROTO_TCP {
         if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             d.conns_tcp += 1;
-            events::emit(ctx, wire.ifindex, dir, pkt, flow::NEW, gate, true);
+            return flow::NEW;
         }
     } else if pkt.proto == PROTO_UDP
         && pkt.frag != FRAG_LATER
@@ -92,8 +103,9 @@ pub fn account(ctx: &TcContext, wire: Wire, dir: u8, pkt: &Ipv4Packet, action: i
         && new_udp_flow(pkt, dir)
     {
         d.conns_udp += 1;
-        events::emit(ctx, wire.ifindex, dir, pkt, flow::NEW, gate, true);
+        return flow::NEW;
     }
+    0
 }
 
 /// Counts a frame the programs did not parse: not IPv4 (ARP, IPv6), or IPv4 whose headers
