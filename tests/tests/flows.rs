@@ -170,11 +170,16 @@ struct Shop {
 
 impl Shop {
     fn new(socket_lb: bool) -> Self {
+        Self::with_agent_args(socket_lb, &[])
+    }
+
+    fn with_agent_args(socket_lb: bool, args: &[&str]) -> Self {
         let node = Node::new().expect("creating the node");
         let agent = node
             .start_agent(AgentOpts {
                 socket_lb,
                 metrics_addr: Some(METRICS_ADDR),
+                extra_args: args.iter().map(ToString::to_string).collect(),
                 ..AgentOpts::default()
             })
             .expect("starting ferrovia-agent");
@@ -384,6 +389,18 @@ fn check_recent(shop: &Shop, want: &BTreeMap<String, u64>, (n_vip, m): (u64, u64
     );
 }
 
+/// `ferrovia_flow_events_total` by outcome.
+fn flow_event_counts(agent: &Agent) -> BTreeMap<String, f64> {
+    let reply = agent.http_get("/metrics").expect("GET /metrics");
+    let metrics = openmetrics::parse(&reply.body).expect("OpenMetrics");
+    metrics
+        .samples
+        .iter()
+        .filter(|s| s.name == "ferrovia_flow_events_total")
+        .map(|s| (s.labels["outcome"].clone(), s.value))
+        .collect()
+}
+
 /// `ferrovia_flow_events_total`: at least the events seen were read; none suppressed or lost.
 #[allow(clippy::float_cmp)] // counter values are small integers, exact in f64
 fn check_metrics(agent: &Agent, total: u64) {
@@ -512,5 +529,59 @@ fn socket_translations_and_refusals_are_events_too() {
         tally(translations.iter()).values().sum::<u64>(),
         2 * n,
         "the translations and the connections to the backend port: {translations:#?}"
+    );
+}
+
+/// A flood at one pod costs the agent a bounded number of events: with a rate of 1 per second
+/// and bursts of 2, n denied datagrams of the stranger (n new flows at its egress, n drops at
+/// the server's ingress) give at most a few events per CPU; every other one is counted as
+/// suppressed, exactly (read + suppressed = 2n, none lost), and the suppressed counts the
+/// events carry never exceed that.
+#[test]
+#[allow(clippy::float_cmp)] // counter values are small integers, exact in f64
+fn a_flood_is_rate_limited_per_pod_and_counted() {
+    let shop = Shop::with_agent_args(false, &["--flow-events-rate=1", "--flow-events-burst=2"]);
+    let n = 40;
+    let to = SocketAddr::from((shop.server.ip, PORT));
+    let started = std::time::Instant::now();
+    let denied = shop
+        .stranger
+        .probe(
+            &ProbeSpec::udp(to)
+                .count(n)
+                .timeout(Duration::from_millis(20)),
+        )
+        .expect("flood");
+    assert!(denied.iter().all(|r| !r.ok), "{denied:?}");
+    let attempted = 2.0 * n as f64;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut counts = flow_event_counts(&shop.agent);
+    while counts["read"] + counts["suppressed"] < attempted && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(SHORT);
+        counts = flow_event_counts(&shop.agent);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(
+        (counts["read"] + counts["suppressed"], counts["lost"]),
+        (attempted, 0.0),
+        "{counts:?}"
+    );
+    // Two buckets (stranger, server), each per CPU: a burst of 2, then 1 per second.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let bound = 2.0 * cpus * (2.0 + elapsed.ceil());
+    assert!(
+        counts["read"] <= bound && counts["suppressed"] > 0.0,
+        "{counts:?}, bound {bound} after {elapsed:.1} s"
+    );
+    let events = shop.recent(&["--last", "1000"]);
+    assert_eq!(events.len() as f64, counts["read"], "{events:#?}");
+    let carried: u64 = events
+        .iter()
+        .map(|e| e["suppressed"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        carried as f64 <= counts["suppressed"],
+        "{carried} carried, {counts:?}"
     );
 }
