@@ -1289,6 +1289,26 @@ fn maps_are_btf_typed_and_readable_with_bpftool_tc() {
         ]),
         "{value}"
     );
+    // FLOW_LIMIT: a flow-event bucket per pod interface and the socket hooks' (key 0);
+    // FLOW_CONFIG: the rate the agent set.
+    let buckets = dump(&c.node, "FLOW_LIMIT");
+    assert_eq!(buckets.len(), 4, "{buckets:?}");
+    let value = &buckets[0]["values"][0]["value"];
+    assert_eq!(
+        field_names(value),
+        fields(&["credit_ns", "last_ns", "suppressed", "_pad"]),
+        "{value}"
+    );
+    let config = dump(&c.node, "FLOW_CONFIG");
+    assert_eq!(
+        field_names(&config[0]["value"]),
+        fields(&["interval_ns", "burst_ns"]),
+        "{config:?}"
+    );
+    assert_eq!(
+        config[0]["value"]["interval_ns"], 10_000_000,
+        "100 per second"
+    );
 }
 
 /// CONNTRACK as bpftool shows it: the OUT entry of the connection `local` → VIP translates to
