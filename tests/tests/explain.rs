@@ -355,9 +355,46 @@ fn check_case(c: &PolicyCluster, setup: &Setup, case: &(&str, &str, &[&str])) ->
     failures
 }
 
-/// Every ordered pair of pods on TCP and UDP, ports 80 and 81, through `explain` (the
+/// The agent's `Explain` over one gRPC connection, answers as `ferrovia -o json explain`
+/// prints them (its own renderer): the CLI itself is checked on the table of cases.
+struct Api {
+    rt: tokio::runtime::Runtime,
+    client: ferrovia_proto::AgentClient<tonic::transport::Channel>,
+}
+
+impl Api {
+    fn connect(c: &PolicyCluster) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let client = rt
+            .block_on(ferrovia_agent::api::connect(&c.node.api_socket()))
+            .expect("the agent's API");
+        Self { rt, client }
+    }
+
+    fn explain(&mut self, source: &str, destination: &str, flow: &str) -> Value {
+        let (protocol, port) = flow.split_once('/').expect("PROTO/PORT");
+        let request = ferrovia_proto::v1::ExplainRequest {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            protocol: protocol.to_owned(),
+            port: port.parse().expect("a port"),
+        };
+        let answer = self
+            .rt
+            .block_on(self.client.explain(request))
+            .unwrap_or_else(|e| panic!("Explain {source} {destination} {flow}: {e}"))
+            .into_inner();
+        ferrovia_agent::api::render::explain_json(&answer)
+    }
+}
+
+/// Every ordered pair of pods on TCP and UDP, ports 80 and 81, through `Explain` (the
 /// destination alternately by name and by address), against the evaluator.
 fn check_truth_table(c: &PolicyCluster, setup: &Setup) -> Vec<String> {
+    let mut api = Api::connect(c);
     let w = &setup.world;
     let mut failures = Vec::new();
     let mut n = 0;
@@ -370,7 +407,7 @@ fn check_truth_table(c: &PolicyCluster, setup: &Setup) -> Vec<String> {
                     server.ip.to_string()
                 };
                 n += 1;
-                let answer = explain(c, &client.id(), &destination, flow);
+                let answer = api.explain(&client.id(), &destination, flow);
                 let (proto, port) = protocol(flow);
                 let paths = answer["paths"].as_array().unwrap();
                 if paths.len() != 1 || paths[0]["backend"]["pod"] != server.id() {
