@@ -1289,9 +1289,13 @@ fn maps_are_btf_typed_and_readable_with_bpftool_tc() {
         ]),
         "{value}"
     );
-    // FLOW_LIMIT: a flow-event bucket per pod interface and the socket hooks' (key 0);
-    // FLOW_CONFIG: the rate the agent set.
-    let buckets = dump(&c.node, "FLOW_LIMIT");
+    assert_flow_maps_readable(&c.node);
+}
+
+/// `FLOW_LIMIT`: a flow-event bucket per pod interface (client, a, b) and the socket hooks'
+/// (key 0); `FLOW_CONFIG`: the rate the agent set; both with named fields.
+fn assert_flow_maps_readable(node: &Node) {
+    let buckets = dump(node, "FLOW_LIMIT");
     assert_eq!(buckets.len(), 4, "{buckets:?}");
     let value = &buckets[0]["values"][0]["value"];
     assert_eq!(
@@ -1299,7 +1303,7 @@ fn maps_are_btf_typed_and_readable_with_bpftool_tc() {
         fields(&["credit_ns", "last_ns", "suppressed", "_pad"]),
         "{value}"
     );
-    let config = dump(&c.node, "FLOW_CONFIG");
+    let config = dump(node, "FLOW_CONFIG");
     assert_eq!(
         field_names(&config[0]["value"]),
         fields(&["interval_ns", "burst_ns"]),
