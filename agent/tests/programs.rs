@@ -2498,8 +2498,8 @@ fn flow_events_carry_flows_verdicts_and_translations() {
 }
 
 /// The per-pod rate limit: a burst of 3 at 1/s lets the first three events through,
-/// suppresses and counts the next ten, and the next event (a second later) carries that
-/// count; a rate of 0 turns events off.
+/// suppresses and counts the next ten (but for one per second they took), and the next event
+/// (a second later) carries that count; a rate of 0 turns events off.
 #[test]
 fn flow_events_are_rate_limited_per_pod() {
     let (mut t, mut ring) = load_with_events("flow-rate");
@@ -2516,18 +2516,31 @@ fn flow_events_are_rate_limited_per_pod() {
     let burst = next_events(&mut ring);
     assert_eq!(burst.len(), 3, "the burst: {burst:?}");
     assert!(burst.iter().all(|e| e.suppressed == 0));
+    // The burst is spent: the next ten are suppressed, but for one event per second they
+    // took (none here, unless the machine stalls): exactly, either way.
+    let started = std::time::Instant::now();
     send(&t, 10);
-    assert!(next_events(&mut ring).is_empty(), "the burst is spent");
-    assert_eq!(counter(&t, "flow_suppressed"), 10);
-    // A second earns one event's credit back.
+    let elapsed = started.elapsed().as_secs();
+    let during = next_events(&mut ring);
+    assert!(during.len() as u64 <= elapsed, "{during:?} in {elapsed} s");
+    let suppressed = counter(&t, "flow_suppressed");
+    assert_eq!(suppressed + during.len() as u64, 10);
+    // A second earns one event's credit back; the events after the burst carry every
+    // suppressed one.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     send(&t, 1);
     let evs = next_events(&mut ring);
     assert_eq!(evs.len(), 1, "{evs:?}");
+    let carried: u64 = during
+        .iter()
+        .chain(&evs)
+        .map(|e| u64::from(e.suppressed))
+        .sum();
     assert_eq!(
-        evs[0].suppressed, 10,
+        carried, suppressed,
         "the suppressed count rides on the next event"
     );
+    assert!(suppressed > 0);
     assert_eq!(counter(&t, "flow_lost"), 0);
 
     set_rate(&mut t, 0, 0);
