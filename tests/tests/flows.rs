@@ -224,36 +224,30 @@ impl Shop {
     /// the stranger, one connection to the service without endpoints.
     fn drive(&self, n_tcp: u64, n_vip: u64, m: u64) {
         let to = SocketAddr::from((self.server.ip, PORT));
-        let tcp = self
-            .client
-            .probe(&ProbeSpec::tcp(to).count(n_tcp))
-            .expect("TCP probe");
-        assert!(tcp.iter().all(|r| r.ok), "{tcp:?}");
-        let vip = self
-            .client
-            .probe(&ProbeSpec::udp(WEB).count(n_vip))
-            .expect("UDP via the VIP");
-        assert!(vip.iter().all(|r| r.ok), "{vip:?}");
-        let denied = self
-            .stranger
-            .probe(&ProbeSpec::udp(to).count(m).timeout(SHORT))
-            .expect("denied probe");
-        assert!(denied.iter().all(|r| !r.ok), "{denied:?}");
-        let refused = self
-            .client
-            .probe(&ProbeSpec::tcp(EMPTY))
-            .expect("no endpoints");
-        assert!(!refused[0].ok, "{refused:?}");
-        let hairpin = self
-            .server
-            .probe(&ProbeSpec::tcp(WEB).count(HAIRPINS))
-            .expect("the server through its VIP");
-        assert!(hairpin.iter().all(|r| r.ok), "{hairpin:?}");
-        let denied = self
-            .server
-            .probe(&ProbeSpec::udp(WEB).timeout(SHORT))
-            .expect("the server through its VIP, UDP");
-        assert!(!denied[0].ok, "its policy admits only its TCP: {denied:?}");
+        probe_all(&self.client, &ProbeSpec::tcp(to).count(n_tcp), true, "TCP");
+        probe_all(
+            &self.client,
+            &ProbeSpec::udp(WEB).count(n_vip),
+            true,
+            "UDP via the VIP",
+        );
+        let denied = ProbeSpec::udp(to).count(m).timeout(SHORT);
+        probe_all(
+            &self.stranger,
+            &denied,
+            false,
+            "denied by the server's policy",
+        );
+        probe_all(&self.client, &ProbeSpec::tcp(EMPTY), false, "no endpoints");
+        let hairpins = ProbeSpec::tcp(WEB).count(HAIRPINS);
+        probe_all(&self.server, &hairpins, true, "the server through its VIP");
+        let denied = ProbeSpec::udp(WEB).timeout(SHORT);
+        probe_all(
+            &self.server,
+            &denied,
+            false,
+            "its policy admits only its TCP",
+        );
     }
 
     /// `ferrovia -o json flows ARGS`: the recent events, one per line.
@@ -273,6 +267,15 @@ impl Shop {
             .map(|l| serde_json::from_str(l).expect("JSON line"))
             .collect()
     }
+}
+
+/// Runs `spec` from `pod`; every request must be answered, or none (`answered`).
+fn probe_all(pod: &Pod, spec: &ProbeSpec, answered: bool, what: &str) {
+    let results = pod.probe(spec).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(
+        results.iter().all(|r| r.ok == answered),
+        "{what}: {results:?}"
+    );
 }
 
 /// The fields the tally leaves out: addresses, ports, the translation, the time.
@@ -461,17 +464,13 @@ fn socket_translations_and_refusals_are_events_too() {
     let shop = Shop::new(true);
     let mut follow = shop.follow();
     let n = 2;
-    let web = SocketAddr::new(WEB.ip(), 80);
-    let ok = shop
-        .client
-        .probe(&ProbeSpec::tcp(web).count(n))
-        .expect("TCP via the VIP");
-    assert!(ok.iter().all(|r| r.ok), "{ok:?}");
-    let refused = shop
-        .client
-        .probe(&ProbeSpec::tcp(EMPTY))
-        .expect("no endpoints");
-    assert!(!refused[0].ok, "{refused:?}");
+    probe_all(
+        &shop.client,
+        &ProbeSpec::tcp(WEB).count(n),
+        true,
+        "TCP via the VIP",
+    );
+    probe_all(&shop.client, &ProbeSpec::tcp(EMPTY), false, "no endpoints");
 
     let (c, s) = ("shop/client", "shop/server");
     let want: BTreeMap<String, u64> = [
