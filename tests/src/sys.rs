@@ -24,6 +24,15 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 const NETNS_DIR: &str = "/run/netns";
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (or VM), so
+/// that a probe's request times and a test's events can be put in one order.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+}
+
 /// Puts the calling process into a workload's place: its pid into `cgroup`'s
 /// `cgroup.procs` (so the agent's socket hooks apply to it), then its thread into the network
 /// namespace `netns`. `setns` moves only the calling thread, so this must run while the

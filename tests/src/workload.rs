@@ -148,6 +148,8 @@ pub struct ProbeResult {
     pub conn: u64,
     /// Sequence number of the request.
     pub seq: u64,
+    /// `CLOCK_MONOTONIC` when the request began ([`crate::sys::monotonic_ns`]).
+    pub started_ns: u64,
 }
 
 impl ProbeResult {
@@ -239,14 +241,25 @@ impl ProbeStream {
 
     /// Waits until at least `n` results arrived (or the probe ended), then returns them all.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<ProbeResult>> {
+        self.wait_until(&format!("{n} results"), timeout, |r| r.len() >= n)
+    }
+
+    /// Waits until `done` holds of the results so far (`what` it waits for, for the error),
+    /// then returns them all; fails after `timeout` or when the probe ended.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[ProbeResult]) -> bool,
+    ) -> Result<Vec<ProbeResult>> {
         let (lock, cvar) = &*self.shared;
         let deadline = Instant::now() + timeout;
         let mut results = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while results.len() < n {
+        while !done(&results) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.reader.as_ref().is_none_or(JoinHandle::is_finished) {
                 bail!(
-                    "probe stream: {} of {n} results after {timeout:?}; stderr: {}",
+                    "probe stream: no {what} after {timeout:?} ({} results); stderr: {}",
                     results.len(),
                     tail(&self.log, 20)
                 );

@@ -17,7 +17,8 @@ use ferrovia_tests::policy::spec::{
     Cidr, Operator, Peer, Policy, PolicyPort, PolicyType, PortRef, Protocol, Rule, Selector,
     Service, ServicePort, World,
 };
-use ferrovia_tests::{AgentOpts, ProbeSpec};
+use ferrovia_tests::sys::monotonic_ns;
+use ferrovia_tests::{AgentOpts, ProbeResult, ProbeSpec};
 
 use PolicyType::{Egress, Ingress};
 
@@ -733,31 +734,22 @@ fn label_changes_take_effect() {
 #[test]
 fn established_connections_follow_policy_changes() {
     let cluster = PolicyCluster::new(AgentOpts::default()).expect("policy cluster");
-    let stream = |to: &str| {
+    // A request of a connection that stays allowed has 5 s (an emulated VM on a loaded
+    // machine can be slow, never wrong); the one to be cut 1 s, so its failures come quickly.
+    let stream = |from: &str, to: &str, timeout: Duration| {
         let spec = ProbeSpec::tcp(SocketAddr::from((cluster.world.pod(to).ip, 80)))
             .persistent()
             .count(0)
             .interval(Duration::from_millis(50))
-            .timeout(Duration::from_secs(1));
-        cluster
-            .pod("y/a")
-            .probe_stream(&spec)
-            .expect("probe stream")
+            .timeout(timeout);
+        cluster.pod(from).probe_stream(&spec).expect("probe stream")
     };
-    let (kept, cut) = (stream("x/b"), stream("x/a"));
-    let replies = cluster
-        .pod("z/a")
-        .probe_stream(
-            &ProbeSpec::tcp(SocketAddr::from((cluster.world.pod("z/b").ip, 80)))
-                .persistent()
-                .count(0)
-                .interval(Duration::from_millis(50))
-                .timeout(Duration::from_secs(1)),
-        )
-        .expect("probe stream");
+    let kept = stream("y/a", "x/b", Duration::from_secs(5));
+    let cut = stream("y/a", "x/a", Duration::from_secs(1));
+    let replies = stream("z/a", "z/b", Duration::from_secs(5));
     for s in [&kept, &cut, &replies] {
         let r = s
-            .wait_for(5, Duration::from_secs(10))
+            .wait_for(5, Duration::from_secs(20))
             .expect("stream results");
         assert!(r.iter().all(|r| r.ok), "before any policy: {r:?}");
     }
@@ -779,31 +771,47 @@ fn established_connections_follow_policy_changes() {
         .policy(Policy::new("z", "b-no-egress", pod("b")).types(&[Egress]));
     let rejected = cluster.apply(&setup).expect("apply");
     assert_eq!(rejected, Vec::<String>::new());
-    let (kept_at_sync, cut_at_sync) = (kept.results().len(), cut.results().len());
-    let replies_at_sync = replies.results().len();
-    // Result `cut_at_sync` is the request in flight during the sync: it may have made it.
-    // The one after it may have been printed before the count was read (the reader thread
-    // lags the pipe); every later request started after the sync returned and must fail.
-    let cut_after = cut
-        .wait_for(cut_at_sync + 5, Duration::from_secs(20))
-        .expect("stream results");
-    let after: Vec<_> = cut_after[cut_at_sync + 2..].to_vec();
-    assert!(
-        after.iter().all(|r| !r.ok),
-        "the connection to x/a must fail once the sync returned: {after:?}"
+    // The sync has returned: the maps hold the new policies. Requests are placed against it
+    // by the time they began (one clock for the probes and the test), not by how many results
+    // the reader had seen, which lags the probe.
+    let synced = monotonic_ns();
+    let after_sync =
+        |n: usize| move |r: &[ProbeResult]| r.iter().filter(|r| r.started_ns > synced).count() >= n;
+    let started_after = |r: Vec<ProbeResult>| -> Vec<ProbeResult> {
+        r.into_iter().filter(|r| r.started_ns > synced).collect()
+    };
+    let cut_after = started_after(
+        cut.wait_until(
+            "4 requests after the sync",
+            Duration::from_secs(30),
+            after_sync(4),
+        )
+        .expect("stream results"),
     );
-    let kept_after = kept
-        .wait_for(kept_at_sync + 10, Duration::from_secs(20))
+    assert!(
+        cut_after.iter().all(|r| !r.ok),
+        "every request to x/a begun after the sync returned must fail: {cut_after:?}"
+    );
+    let kept_all = kept
+        .wait_until(
+            "10 requests after the sync",
+            Duration::from_mins(1),
+            after_sync(10),
+        )
         .expect("stream results");
-    let failed: Vec<_> = kept_after.iter().filter(|r| !r.ok || r.conn != 1).collect();
+    let failed: Vec<_> = kept_all.iter().filter(|r| !r.ok || r.conn != 1).collect();
     assert!(
         failed.is_empty(),
         "the connection to x/b, still allowed, must carry on untouched: {failed:?}"
     );
-    let replies_after = replies
-        .wait_for(replies_at_sync + 10, Duration::from_secs(20))
+    let replies_all = replies
+        .wait_until(
+            "10 requests after the sync",
+            Duration::from_mins(1),
+            after_sync(10),
+        )
         .expect("stream results");
-    let failed: Vec<_> = replies_after
+    let failed: Vec<_> = replies_all
         .iter()
         .filter(|r| !r.ok || r.conn != 1)
         .collect();

@@ -82,6 +82,10 @@ enum Task {
         /// Seconds one VM may take, boot included, before its process group is killed.
         #[arg(long, value_name = "N", default_value_t = VM_TIMEOUT_S)]
         timeout_s: u64,
+        /// Arguments for every suite's test executable, after `--` (a test name to filter on,
+        /// `--nocapture`, ...).
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        test_args: Vec<String>,
     },
 }
 
@@ -120,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                     suites: Vec::new(),
                     timeout: Duration::from_secs(VM_TIMEOUT_S),
                     deadline: Some(started + Duration::from_secs(budget_min * 60)),
+                    test_args: Vec::new(),
                 },
             )
         }
@@ -165,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             kernels,
             suites,
             timeout_s,
+            test_args,
         } => {
             setup::run()?;
             vm::run(
@@ -174,6 +180,7 @@ fn main() -> anyhow::Result<()> {
                     suites,
                     timeout: Duration::from_secs(timeout_s),
                     deadline: None,
+                    test_args,
                 },
             )
         }

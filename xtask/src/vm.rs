@@ -169,6 +169,8 @@ pub struct Options {
     /// Runs that could not end before this (started now, allowed `timeout`) are skipped and
     /// shown as such: CI's lane has a fixed time.
     pub deadline: Option<Instant>,
+    /// Appended to every suite's test command (a filter, `--nocapture`, ...).
+    pub test_args: Vec<String>,
 }
 
 /// The least time worth booting a VM for (a boot alone takes 15–30 s under emulation).
@@ -197,7 +199,12 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
     let mut commands = Vec::new();
     for suite in &suites {
         step(&format!("suite {}: building", suite.name));
-        commands.push((suite.prepare)(root)?);
+        let mut command = (suite.prepare)(root)?;
+        for arg in &opts.test_args {
+            command.push(' ');
+            command.push_str(&sh_quote(Path::new(arg)));
+        }
+        commands.push(command);
     }
 
     on_interrupt_stop_vm()?;
@@ -238,6 +245,14 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
                 cell.failed,
                 cell.elapsed.as_secs()
             );
+            if matches!(cell.outcome, Outcome::Fail | Outcome::Timeout) {
+                // CI keeps this process's output, not the VM's log: what failed, and why.
+                let log = host.base.join(kernel.label).join(suite.name).join("vm.log");
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                for line in failure_excerpt(&text, FAILURE_LINES) {
+                    println!("    | {line}");
+                }
+            }
             cells.push(cell);
         }
     }
@@ -995,6 +1010,32 @@ fn kernel_lacks(log: &str) -> u64 {
     count + u64::from(in_section && marked)
 }
 
+/// Lines of a failed run's log printed with its result (the failures can be long tables).
+const FAILURE_LINES: usize = 400;
+
+/// What to show of a failed run's log: libtest's `failures:` sections (each failed test's
+/// output and panic), or, when the run never got there (a timeout, a crash, a boot that
+/// failed), its last lines; at most `limit` lines either way.
+fn failure_excerpt(log: &str, limit: usize) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().map(str::trim_end).collect();
+    let sections: Vec<&str> = match lines.iter().position(|l| *l == "failures:") {
+        Some(start) => {
+            let end = lines[start..]
+                .iter()
+                .position(|l| l.contains("test result: "))
+                .map_or(lines.len(), |e| start + e + 1);
+            lines[start..end].to_vec()
+        }
+        None => lines[lines.len().saturating_sub(60)..].to_vec(),
+    };
+    if sections.len() <= limit {
+        return sections;
+    }
+    let mut cut = sections[..limit].to_vec();
+    cut.push("… (cut; the whole log is the run's vm.log)");
+    cut
+}
+
 /// Passed and failed tests summed over libtest's `test result: ok. N passed; M failed; ...`
 /// lines, or `None` when there is none (the guest never got to the end).
 fn libtest_summary(log: &str) -> Option<(u64, u64)> {
@@ -1140,6 +1181,32 @@ mod tests {
         );
         assert_eq!((lines[1].verified, lines[1].refused), (None, true));
         assert_eq!((lines[2].verified, lines[2].xlated), (None, Some(1093)));
+    }
+
+    #[test]
+    fn a_failure_is_shown_from_its_section() {
+        let log = "boot noise\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\n\
+                   seed 7\nthread 'b' panicked at x.rs:2:1:\nmismatch\n\nfailures:\n    b\n\n\
+                   test result: FAILED. 1 passed; 1 failed; 0 ignored\n[ 9.0] reboot: Power down\n";
+        let shown = super::failure_excerpt(log, 100);
+        assert_eq!(shown.first(), Some(&"failures:"));
+        assert!(shown.contains(&"seed 7") && shown.contains(&"mismatch"));
+        assert!(
+            shown
+                .last()
+                .is_some_and(|l| l.starts_with("test result: FAILED"))
+        );
+        assert_eq!(
+            super::failure_excerpt(log, 3).len(),
+            4,
+            "cut to the limit, and says so"
+        );
+        // No libtest failures section (a crash or a timeout): the log's tail.
+        let crash = "a\nb\nKernel panic - not syncing\n";
+        assert_eq!(
+            super::failure_excerpt(crash, 100),
+            ["a", "b", "Kernel panic - not syncing"]
+        );
     }
 
     #[test]

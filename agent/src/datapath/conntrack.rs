@@ -21,7 +21,7 @@ use aya::{
 };
 use ferrovia_common::{
     AffinityKey, AffinityValue, CT_TIMEOUT_UDP_NS, CtKey, CtValue, PolicyCtValue,
-    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, ct_timeout_ns,
+    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, age_ns, ct_timeout_ns,
 };
 
 /// A map the sweep cleans.
@@ -69,10 +69,10 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// How long ago `last_ns` was at `now`; a time after `now` (a packet refreshed the entry after
-/// the clock was read) is no age at all, never a wrapped-around huge one.
+/// How long ago `last_ns` was at `now`, exactly as the programs judge it ([`age_ns`]): a time
+/// after `now` (a packet refreshed the entry after the clock was read) is no age at all.
 fn age(now: u64, last_ns: u64) -> u64 {
-    now.saturating_sub(last_ns)
+    age_ns(now, last_ns)
 }
 
 /// A `CONNTRACK` entry is dead as `still_alive` judges it: idle longer than its timeout
@@ -271,6 +271,17 @@ mod tests {
         assert!(!udp_flow_expired(now - CT_TIMEOUT_UDP_NS + 1, now));
         assert!(udp_flow_expired(now - CT_TIMEOUT_UDP_NS, now));
         assert!(!udp_flow_expired(now + 1, now));
+        // Written as `now - age` on a machine up for less than that age (a test's entry, a
+        // VM that just booted): the age is still that, as the programs read it.
+        let early = 5 * S;
+        assert!(udp_flow_expired(
+            early.wrapping_sub(CT_TIMEOUT_UDP_NS),
+            early
+        ));
+        assert!(!udp_flow_expired(
+            early.wrapping_sub(CT_TIMEOUT_UDP_NS - 1),
+            early
+        ));
     }
 
     #[test]

@@ -132,6 +132,19 @@ pub const fn ct_timeout_ns(flags: u16, proto: u8) -> u64 {
     }
 }
 
+/// How long before `now` the time `then` was, both `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`)
+/// readings: their difference read as signed, as the kernel's `time_after` does. A `then`
+/// after `now` (another CPU refreshed the entry after this one read the clock) is no age at
+/// all, never a wrapped-around huge one; a `then` before boot (`now - age` written by a test
+/// or kept across a reboot's pins) is still its age. The programs and the agent's GC judge
+/// every idle timeout with it.
+#[inline]
+#[must_use]
+pub const fn age_ns(now: u64, then: u64) -> u64 {
+    let d = now.wrapping_sub(then);
+    if d > i64::MAX as u64 { 0 } else { d }
+}
+
 /// Key of the `AFFINITY` map: which backend a client IP was last sent to, per frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use ferrovia_common::{
     AffinityKey, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue,
-    FAMILY_V4, PROTO_TCP, ServiceKey, counter, ct_timeout_ns, drop,
+    FAMILY_V4, PROTO_TCP, ServiceKey, age_ns, counter, ct_timeout_ns, drop,
 };
 
 use crate::{
@@ -81,7 +81,7 @@ pub fn still_alive(
     tcp_flags: u8,
     now: u64,
 ) -> bool {
-    if now.wrapping_sub(*last_seen_ns) > ct_timeout_ns(*flags, proto) {
+    if age_ns(now, *last_seen_ns) > ct_timeout_ns(*flags, proto) {
         return false;
     }
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -92,7 +92,7 @@ pub fn still_alive(
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         *flags |= CT_FLAG_CLOSING;
     }
-    if now.wrapping_sub(*last_seen_ns) > 1_000_000_000 {
+    if age_ns(now, *last_seen_ns) > 1_000_000_000 {
         *last_seen_ns = now;
     }
     true

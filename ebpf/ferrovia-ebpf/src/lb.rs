@@ -1,7 +1,8 @@
 //! Backend selection, shared by the socket hooks and the per-packet path.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferrovia_common::{
-    AffinityKey, AffinityValue, Backend, FrontendStats, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, FrontendStats, SVC_FLAG_AFFINITY, ServiceKey,
+    ServiceValue, age_ns,
 };
 
 use crate::maps::{AFFINITY, BACKEND_STATS, BACKENDS, FRONTEND_STATS, SERVICES};
@@ -83,7 +84,7 @@ pub fn select_backend(
         // SAFETY: valid map value pointer; a racing update only changes which backend wins.
         let entry = unsafe { &mut *entry };
         let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
-        if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
+        if age_ns(now, entry.last_used_ns) <= timeout_ns
             && let Some(backend) = live_backend(entry.backend_id, service.service_id)
         {
             entry.last_used_ns = now;

@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
 use ferrovia_common::{
     CT_TIMEOUT_UDP_NS, CtKey, DirStats, POL_DIR_EGRESS, POL_DIR_INGRESS, PROTO_TCP, PROTO_UDP,
-    drop, flow,
+    age_ns, drop, flow,
 };
 
 use crate::{
@@ -162,7 +162,7 @@ fn seen(key: &CtKey, now: u64) -> bool {
     };
     // SAFETY: valid map value; racing writers only store a time.
     let last = unsafe { &mut *last };
-    let age = now.saturating_sub(*last);
+    let age = age_ns(now, *last);
     if age >= CT_TIMEOUT_UDP_NS {
         return false;
     }

@@ -142,6 +142,8 @@ struct ProbeLine {
     conn: u64,
     /// Sequence number of the request, from 0.
     seq: u64,
+    /// `CLOCK_MONOTONIC` when the request began (before a connect it needed).
+    started_ns: u64,
 }
 
 /// One target's outcome in `probe-many`, printed as a JSON line; the harness parses it as
@@ -493,6 +495,7 @@ fn probe(
         }
         let mut line = ProbeLine {
             seq,
+            started_ns: ferrovia_tests::sys::monotonic_ns(),
             ..ProbeLine::default()
         };
         if conn.is_none() {
