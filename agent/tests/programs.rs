@@ -2602,6 +2602,33 @@ fn conntrack_creations_count_new_entries_not_overwrites() {
     assert_eq!(created(&t), 4, "another flow, two more");
 }
 
+/// An entry refreshed by another CPU after this one read the clock has a `last_seen` after
+/// "now": it is alive (age 0), not 2^64 ns old. Read as unsigned, the flow was taken for
+/// expired and its entry overwritten as a new flow's, with a new backend choice.
+#[test]
+fn an_entry_last_seen_after_the_programs_clock_is_alive() {
+    use ferrovia_common::{CtKey, CtValue};
+    let t = load("ct-future");
+    let query = udp(CLIENT, 41002, VIP, 53, b"q");
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    let mut ct = pinned_map::<CtKey, CtValue>(&t, "CONNTRACK");
+    let ahead = monotonic_ns() + 5_000_000_000;
+    for key in udp_vip_flow_keys(41002) {
+        let mut value = ct.get(&key, 0).expect("the flow's entry");
+        value.last_seen_ns = ahead;
+        ct.insert(key, value, 0).unwrap();
+    }
+    assert_eq!(run(&t, "from_pod", &query).0, TC_ACT_OK);
+    for key in udp_vip_flow_keys(41002) {
+        assert_eq!(
+            ct.get(&key, 0).expect("the flow's entry").last_seen_ns,
+            ahead,
+            "found alive and left as it was (not overwritten by a new flow's entry)"
+        );
+    }
+    assert_eq!(counter(&t, "ct_created"), 2, "one flow");
+}
+
 /// Backend selections: each new connection counts once for the backend it was given (and the
 /// backends' counts add up to the frontend's connections); a backend removed from its frontend
 /// loses its entry with its id, and an entry of an id gone while the agent was down is pruned
