@@ -2595,7 +2595,7 @@ fn conntrack_creations_count_new_entries_not_overwrites() {
     assert_eq!(ct.keys().count(), 2);
     let fresh = ct.get(&udp_vip_flow_keys(41000)[0], 0).unwrap();
     assert!(
-        monotonic_ns() - fresh.last_seen_ns < 10_000_000_000,
+        ferrovia_common::age_ns(monotonic_ns(), fresh.last_seen_ns) < 10_000_000_000,
         "the new flow's entry replaced the expired one"
     );
     let _ = run(&t, "from_pod", &tcp(CLIENT, 41001, VIP, 80, true, b""));

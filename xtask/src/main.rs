@@ -82,8 +82,8 @@ enum Task {
         /// Seconds one VM may take, boot included, before its process group is killed.
         #[arg(long, value_name = "N", default_value_t = VM_TIMEOUT_S)]
         timeout_s: u64,
-        /// Arguments for every suite's test executable, after `--` (a test name to filter on,
-        /// `--nocapture`, ...).
+        /// Arguments for each selected suite's test executable, after `--` (`--nocapture`, a
+        /// test name to filter on — with `--suite`: a suite that runs no test fails).
         #[arg(last = true, value_name = "TEST_ARGS")]
         test_args: Vec<String>,
     },

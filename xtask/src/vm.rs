@@ -201,8 +201,14 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
         step(&format!("suite {}: building", suite.name));
         let mut command = (suite.prepare)(root)?;
         for arg in &opts.test_args {
+            let quoted = sh_quote(Path::new(arg));
+            // A flag the suite gives already (the verifier's `--nocapture`): libtest refuses
+            // one given twice.
+            if arg.starts_with("--") && command.split(' ').any(|w| w == arg || w == quoted) {
+                continue;
+            }
             command.push(' ');
-            command.push_str(&sh_quote(Path::new(arg)));
+            command.push_str(&quoted);
         }
         commands.push(command);
     }
@@ -249,6 +255,9 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
                 // CI keeps this process's output, not the VM's log: what failed, and why.
                 let log = host.base.join(kernel.label).join(suite.name).join("vm.log");
                 let text = fs::read_to_string(&log).unwrap_or_default();
+                if text.trim().is_empty() {
+                    println!("    | (no log: {})", log.display());
+                }
                 for line in failure_excerpt(&text, FAILURE_LINES) {
                     println!("    | {line}");
                 }
@@ -1031,8 +1040,17 @@ fn failure_excerpt(log: &str, limit: usize) -> Vec<&str> {
     if sections.len() <= limit {
         return sections;
     }
-    let mut cut = sections[..limit].to_vec();
+    // The start of the first failures, then always libtest's closing list of every failed
+    // test and its `test result:` line (from the last `failures:`).
+    let names = sections
+        .iter()
+        .rposition(|l| *l == "failures:")
+        .filter(|&i| i > 0)
+        .unwrap_or(sections.len());
+    let head = limit.saturating_sub(sections.len() - names).min(names);
+    let mut cut = sections[..head].to_vec();
     cut.push("… (cut; the whole log is the run's vm.log)");
+    cut.extend_from_slice(&sections[names..]);
     cut
 }
 
@@ -1196,10 +1214,16 @@ mod tests {
                 .last()
                 .is_some_and(|l| l.starts_with("test result: FAILED"))
         );
-        assert_eq!(
-            super::failure_excerpt(log, 3).len(),
-            4,
-            "cut to the limit, and says so"
+        let cut = super::failure_excerpt(log, 6);
+        assert_eq!(cut.len(), 7, "cut to the limit, and says so: {cut:?}");
+        assert_eq!(cut[0], "failures:");
+        assert!(
+            cut.contains(&"    b"),
+            "the failed tests' names are kept: {cut:?}"
+        );
+        assert!(
+            cut.last()
+                .is_some_and(|l| l.starts_with("test result: FAILED"))
         );
         // No libtest failures section (a crash or a timeout): the log's tail.
         let crash = "a\nb\nKernel panic - not syncing\n";

@@ -136,7 +136,7 @@ pub const fn ct_timeout_ns(flags: u16, proto: u8) -> u64 {
 /// readings: their difference read as signed, as the kernel's `time_after` does. A `then`
 /// after `now` (another CPU refreshed the entry after this one read the clock) is no age at
 /// all, never a wrapped-around huge one; a `then` before boot (`now - age` written by a test
-/// or kept across a reboot's pins) is still its age. The programs and the agent's GC judge
+/// in a VM that booted seconds ago) is still its age. The programs and the agent's GC judge
 /// every idle timeout with it.
 #[inline]
 #[must_use]

@@ -44,7 +44,7 @@ pub struct Observation {
     pub allowed: bool,
     /// The last probe's result (the re-probe's, if there was one).
     pub result: TargetResult,
-    /// Whether the cell was probed a second time.
+    /// Whether the cell was probed again.
     pub rechecked: bool,
 }
 
