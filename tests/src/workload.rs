@@ -57,8 +57,13 @@ pub struct ProbeSpec {
     pub interval: Duration,
 }
 
+/// A probe's default per-request timeout: an answer expected comes well within it even in an
+/// emulated VM on a loaded machine (the kernel matrix); a probe expected to fail sets a short
+/// one of its own.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl ProbeSpec {
-    /// One TCP request to `to`, a new connection per request, 2 s timeout.
+    /// One TCP request to `to`, a new connection per request, [`REQUEST_TIMEOUT`].
     #[must_use]
     pub fn tcp(to: impl Into<SocketAddr>) -> Self {
         Self {
@@ -66,12 +71,12 @@ impl ProbeSpec {
             to: to.into(),
             count: 1,
             persistent: false,
-            timeout: Duration::from_secs(2),
+            timeout: REQUEST_TIMEOUT,
             interval: Duration::ZERO,
         }
     }
 
-    /// One UDP request to `to`, a new socket per request, 2 s timeout.
+    /// One UDP request to `to`, a new socket per request, [`REQUEST_TIMEOUT`].
     #[must_use]
     pub fn udp(to: impl Into<SocketAddr>) -> Self {
         Self {

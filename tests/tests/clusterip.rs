@@ -64,7 +64,7 @@ fn vip(port: u16) -> SocketAddr {
 
 /// Probes until the first success (the agent syncs asynchronously), bounded.
 fn wait_served(client: &Pod, spec: &ProbeSpec) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let one = ProbeSpec {
             count: 1,
@@ -319,7 +319,7 @@ fn rejects_without_endpoints(socket_lb: bool) {
     let client = c.pod("client");
     // The agent is ready once its socket exists and the CNI ADD returned: no wait needed,
     // but allow the first sync a moment by polling for the refusal itself.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     // Kernels before 5.18 lack bpf_set_retval: the socket hooks' fallback refuses with
     // EPERM, and the agent says so in its status. Both protocols are probed either way.
     let mut lacking = Vec::new();
@@ -435,7 +435,7 @@ endpoints:
             &(service.to_owned() + &slice(false, &b).replace("IP_A", &a)),
         )
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let by = answered_by(&client.probe(&ProbeSpec::tcp(vip(80)).count(30)).unwrap());
         if by.contains_key("web-b") {
@@ -523,7 +523,7 @@ fn services_follow_the_manifests_directory() {
         .unwrap();
     wait_served(client, &ProbeSpec::tcp(vip(80)));
     c.node.remove_manifest("later.yaml").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = client
             .probe(&ProbeSpec::tcp(vip(80)).timeout(Duration::from_millis(500)))

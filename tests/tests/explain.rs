@@ -449,7 +449,7 @@ fn check_traffic(c: &PolicyCluster) -> Vec<String> {
         let explained =
             explain(c, source, &to.ip().to_string(), flow)["paths"][0]["allowed"] == true;
         // A denied SYN gets no answer: a short wait tells it; an allowed one may be slow.
-        let timeout = Duration::from_secs(if allowed { 3 } else { 1 });
+        let timeout = Duration::from_secs(if allowed { 10 } else { 1 });
         let probe = c
             .pod(source)
             .probe(&ProbeSpec::tcp(to).timeout(timeout))

@@ -627,7 +627,7 @@ fn udp_flow_moves_when_its_backend_leaves(socket_lb: bool) {
                 .count(0)
                 .persistent()
                 .interval(TICK)
-                .timeout(Duration::from_secs(2)),
+                .timeout(STREAM_TIMEOUT),
         )
         .expect("starting the UDP stream");
     let first = stream.wait_for(5, PATIENCE).expect("first UDP answers");
@@ -693,11 +693,14 @@ fn udp_unconnected_socket_moves_to_another_backend_when_its_backend_leaves_socke
     c.write("web.yaml", &web(&c.ips(&["a", "b"])));
     wait_served(&c.client, &ProbeSpec::udp(vip()), &["a", "b"]);
     let mut socket = SendtoClient::start(&c.client.place(), vip()).expect("starting socat");
+    // The first reply also waits for socat to start (slow in an emulated VM).
+    let mut patience = Duration::from_secs(10);
     let mut ask = || {
         let reply = socket
-            .request(Duration::from_secs(2))
+            .request(patience)
             .expect("socat request")
-            .expect("a reply within 2 s");
+            .unwrap_or_else(|| panic!("a reply within {patience:?}"));
+        patience = STREAM_TIMEOUT;
         let (name, seen) = reply.split_once(' ').expect("NAME ip:port");
         let seen: SocketAddr = seen.parse().expect("ip:port");
         (name.to_owned(), seen)
