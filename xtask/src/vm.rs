@@ -598,12 +598,13 @@ const VERIFIER_TEST: &str = "every_program_passes_the_verifier_within_half_its_b
 /// Starts each statistics line: `VERIFIER-STATS\tprogram\tverified\txlated\trefused`.
 const VERIFIER_MARK: &str = "VERIFIER-STATS\t";
 
-/// The BPF program tests (`agent/tests/programs.rs`): one libtest binary, run serially since
-/// the programs share kernel state.
+/// The BPF program tests (`agent/tests/programs.rs`): one libtest binary, as many test threads
+/// as the guest has CPUs, as on the host (each test loads its own programs and maps on its own
+/// bpffs root; loading them — the verifier, emulated — is most of the suite's time).
 fn programs_suite(root: &Path) -> anyhow::Result<String> {
     let exe = test_executable(root, "ferrovia-agent", "programs")?;
     let exe = snapshot(root, "programs", &[exe])?.remove(0);
-    Ok(format!("{} --test-threads=1", sh_quote(&exe)))
+    Ok(sh_quote(&exe))
 }
 
 /// The binaries the end-to-end suites run (`tests/src/paths.rs` finds them in
