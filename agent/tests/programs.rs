@@ -1498,6 +1498,46 @@ fn a_connection_whose_entry_was_evicted_recovers_on_the_clients_next_packet() {
     );
 }
 
+/// A connection a policy change cut stays cut when the server's side speaks next (its
+/// retransmission, an ACK): the server's packet, whose connection the ingress point judged
+/// and denied, is not remembered as a flow the server opened, whose "replies" the client's
+/// packets would then be. (Seen in the kernel matrix: the denied entry was removed, the
+/// server's retransmitted answer remembered at its egress, and the connection went on.)
+#[test]
+fn a_cut_connection_is_not_revived_by_the_servers_next_packet() {
+    let mut t = load("pol-revive");
+    // Enforcement on; BACKEND not isolated.
+    sync_policy(&mut t, &deny_ingress(CLIENT));
+    let request =
+        |t: &Loaded, syn, data: &[u8]| to_pod(t, &tcp(OTHER, 40000, BACKEND, 80, syn, data));
+    let answer = |t: &Loaded, data: &[u8]| {
+        run(t, "from_pod", &tcp(BACKEND, 80, OTHER, 40000, false, data)).0
+    };
+    assert_eq!(request(&t, true, b""), TC_ACT_OK, "SYN");
+    assert_eq!(answer(&t, b""), TC_ACT_OK, "SYN-ACK");
+    assert_eq!(request(&t, false, b"GET"), TC_ACT_OK);
+    assert_eq!(answer(&t, b"200 OK"), TC_ACT_OK);
+    // BACKEND becomes isolated for ingress with nothing allowed.
+    sync_policy(&mut t, &deny_ingress(BACKEND));
+    assert_eq!(
+        request(&t, false, b"GET"),
+        TC_ACT_SHOT,
+        "cut on its next packet"
+    );
+    assert_eq!(
+        answer(&t, b"200 OK"),
+        TC_ACT_OK,
+        "the server retransmits (its egress is not isolated)"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            request(&t, false, b"GET"),
+            TC_ACT_SHOT,
+            "still cut: the server's packet did not open a flow of its own"
+        );
+    }
+}
+
 /// CLIENT: ingress "default deny", egress allowed to OTHER on TCP 80.
 fn client_egress_to_other_tcp80() -> PolicyDesired {
     let rules: DirectionRules = [(prefix(OTHER, 32), allow(ports(&[(6, 80, 80)])))]

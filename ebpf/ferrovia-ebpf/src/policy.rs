@@ -270,10 +270,13 @@ impl Gate {
         } else {
             rules(point, policy, flow)
         };
+        // A denied flow's entry stays, stale (it expires on its own; an allowed packet
+        // rewrites it): it still tells the pod's other point that the peer opened this
+        // connection. Removed, the pod's next packet of it (a retransmission, an ACK) would be
+        // remembered there as a flow the pod opened, and the peer's packets would pass as its
+        // replies: the cut connection revived.
         if verdict::allows(reason) {
             self.remember(&key, flow, from_host, now);
-        } else {
-            let _ = POLICY_CT.remove(&key);
         }
         reason
     }
