@@ -416,16 +416,8 @@ fn pinned_map<K: aya::Pod, V: aya::Pod>(
     aya::maps::HashMap::try_from(map).expect("hash map")
 }
 
-/// `CLOCK_MONOTONIC` in ns: what `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// `CLOCK_MONOTONIC` in ns: what `bpf_ktime_get_ns` reads (the agent's GC reads it so too).
+use ferrovia_agent::datapath::conntrack::monotonic_ns;
 
 /// `ClientIP` affinity sends a client to its recorded backend while the record is younger than
 /// the timeout, and re-balances once it is older (kube-proxy: timed from last use).

@@ -69,30 +69,24 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// How long ago `last_ns` was at `now`, exactly as the programs judge it ([`age_ns`]): a time
-/// after `now` (a packet refreshed the entry after the clock was read) is no age at all.
-fn age(now: u64, last_ns: u64) -> u64 {
-    age_ns(now, last_ns)
-}
-
 /// A `CONNTRACK` entry is dead as `still_alive` judges it: idle longer than its timeout
 /// (closing, else TCP or UDP by the key's protocol).
 #[must_use]
 pub fn conntrack_expired(key: &CtKey, value: &CtValue, now: u64) -> bool {
-    age(now, value.last_seen_ns) > ct_timeout_ns(value.flags, key.proto)
+    age_ns(now, value.last_seen_ns) > ct_timeout_ns(value.flags, key.proto)
 }
 
 /// A `POLICY_CT` entry: the same judgement (`policy.rs`'s `alive` is `still_alive`).
 #[must_use]
 pub fn policy_ct_expired(key: &CtKey, value: &PolicyCtValue, now: u64) -> bool {
-    age(now, value.last_seen_ns) > ct_timeout_ns(value.flags, key.proto)
+    age_ns(now, value.last_seen_ns) > ct_timeout_ns(value.flags, key.proto)
 }
 
 /// A `UDP_FLOWS` entry: `stats.rs`'s `seen` takes a flow as new once its age reaches the UDP
 /// timeout.
 #[must_use]
 pub fn udp_flow_expired(last_seen_ns: u64, now: u64) -> bool {
-    age(now, last_seen_ns) >= CT_TIMEOUT_UDP_NS
+    age_ns(now, last_seen_ns) >= CT_TIMEOUT_UDP_NS
 }
 
 /// An `AFFINITY` record, given the affinity timeout (s) of each frontend that has affinity now
@@ -107,7 +101,7 @@ pub fn affinity_expired(
 ) -> bool {
     timeouts_s
         .get(&key.service_id)
-        .is_none_or(|&s| age(now, value.last_used_ns) > u64::from(s) * 1_000_000_000)
+        .is_none_or(|&s| age_ns(now, value.last_used_ns) > u64::from(s) * 1_000_000_000)
 }
 
 /// Deletes the expired entries of `map` pinned under `bpffs_root`; returns how many went.
